@@ -1,0 +1,57 @@
+"""The ``cpmn`` command: one subcommand per stage, each a thin call into a module.
+
+Every stage module exposes ``add_arguments(parser)`` and ``run(args) -> int``. Modules are imported
+lazily so that, for example, ``cpmn evaluate`` never imports torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+#: subcommand -> (module, one-line help)
+SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "synth": ("cpmn.phantom.cli", "generate the synthetic dual-phase cohort (DICOM, masks, truth, sheet)"),
+    "convert": ("cpmn.data.convert", "DICOM -> NIfTI with dcm2niix, picking the NCT and CTPA series"),
+    "register": ("cpmn.data.register", "register CTPA to NCT (antspyx) and warp image and mask"),
+    "collect-qc": ("cpmn.data.qc", "collect per-patient QC JSON files into one TSV"),
+    "preprocess": ("cpmn.data.preprocess", "resample, HU window, body crop: one .npz per patient"),
+    "patches": ("cpmn.data.patches", "balanced bank of patch centres per patient"),
+    "split": ("cpmn.data.split", "temporal hold-out test year plus a stratified validation split"),
+    "train": ("cpmn.train", "train one variant (single or dual pathway)"),
+    "infer": ("cpmn.infer", "sliding-window inference: patient probability, mask and CAM"),
+    "evaluate": ("cpmn.evaluate.cli", "metrics, statistics, Table 1, Table 2 and Fig. 2"),
+}
+
+
+def _top_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="cpmn", description=__doc__.splitlines()[0])
+    p.add_argument("--version", action="version", version=f"cpmn {_version()}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (_, help_) in SUBCOMMANDS.items():
+        sub.add_parser(name, help=help_, add_help=False)
+    return p
+
+
+def _version() -> str:
+    from cpmn import __version__
+
+    return __version__
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] not in SUBCOMMANDS:
+        _top_parser().parse_args(argv or ["--help"])
+        return 2
+    name, rest = argv[0], argv[1:]
+    module = importlib.import_module(SUBCOMMANDS[name][0])
+    parser = argparse.ArgumentParser(prog=f"cpmn {name}", description=SUBCOMMANDS[name][1])
+    module.add_arguments(parser)
+    args = parser.parse_args(rest)
+    return int(module.run(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
