@@ -13,6 +13,7 @@ import sys
 #: subcommand -> (module, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "synth": ("cpmn.phantom.cli", "generate the synthetic dual-phase cohort (DICOM, masks, truth, sheet)"),
+    "screen": ("cpmn.data.screen", "check every cohort-sheet row; write the included and excluded tables"),
     "convert": ("cpmn.data.convert", "DICOM -> NIfTI with dcm2niix, picking the NCT and CTPA series"),
     "register": ("cpmn.data.register", "register CTPA to NCT (antspyx) and warp image and mask"),
     "collect-qc": ("cpmn.data.qc", "collect per-patient QC JSON files into one TSV"),

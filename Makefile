@@ -1,0 +1,58 @@
+# The two commands of the README: `make demo` and `make test`. Both create .venv if it is missing.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+CORES ?= 2
+
+.PHONY: demo test test-all lint format slurm-test bench lock clean
+
+$(STAMP): requirements.lock pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -r requirements.lock
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
+	touch $@
+
+## the study on the embedded default (synthetic cohort): tables, figures and stats under results/
+demo: $(STAMP)
+	$(BIN)/snakemake --cores $(CORES) --workflow-profile profiles/default
+
+## the fast test suite
+test: $(STAMP)
+	$(BIN)/pytest -q
+
+## everything, slow tests included (end-to-end run, real SLURM)
+test-all: $(STAMP)
+	$(BIN)/pytest -q -m "slow or not slow"
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/snakefmt --check Snakefile workflow/rules
+	$(BIN)/snakemake --lint
+
+format: $(STAMP)
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+	$(BIN)/snakefmt Snakefile workflow/rules
+
+## a real one-node SLURM (installs Debian's slurm packages; root) running a tiny workflow through profiles/slurm
+slurm-test: $(STAMP)
+	bash tests/slurm/run_slurm_test.sh
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/delong.py
+	$(BIN)/python benchmarks/train_step.py
+	$(BIN)/python benchmarks/register.py
+
+## re-resolve the lock file from the direct dependencies (needs the package index)
+lock:
+	rm -rf /tmp/cpmn-lock && $(PYTHON) -m venv /tmp/cpmn-lock
+	/tmp/cpmn-lock/bin/pip install --quiet torch==2.13.0 "numpy<2.4" antspyx==0.6.3 monai \
+	  "snakemake>=9,<10" snakemake-executor-plugin-slurm nibabel pydicom dcm2niix pandas scikit-learn \
+	  statsmodels matplotlib scipy tqdm pyyaml jsonschema pytest ruff snakefmt
+	{ echo "# Pinned, resolved set (pip freeze of a fresh venv). Regenerate with: make lock"; \
+	  /tmp/cpmn-lock/bin/pip freeze | sed 's/+cpu$$//'; } > requirements.lock
+
+clean:
+	rm -rf results/* .snakemake

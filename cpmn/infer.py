@@ -1,0 +1,221 @@
+"""Inference: patient probability, predicted embolus mask and Grad-CAM for one split of one variant.
+
+For each patient of the split the stored (preprocessed) volume of the variant's phase — NCT, or CTPA for the
+``ctpa`` variant — goes through the trained pathway:
+
+* the patient probability comes from the classifier on the centre patch (``infer.score: centre``, as in the
+  paper), or from the maximum over the sliding windows (``infer.score: max``);
+* the embolus mask comes from MONAI ``sliding_window_inference`` over the whole volume with the patch size P
+  (Gaussian blending), arg-max over the two classes, resampled back onto the original NCT grid;
+* the CAM comes from MONAI ``GradCAM`` on the classification logit, at the deepest encoder stage, over the
+  same sliding windows.
+
+Masks and CAMs are written for the splits in ``infer.mask_splits`` (default: test, which is where Dice and
+Fig. 2b are measured) so that the validation split costs only its classifier passes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from cpmn.config import add_config_arguments, resolve
+from cpmn.errors import atomic_path
+
+DEFAULTS: dict[str, Any] = {
+    "score": "centre",
+    "overlap": 0.25,
+    "sw_batch_size": 2,
+    "mask_splits": ["test"],
+    "cam_splits": ["test"],
+}
+
+
+class SegmentationHead(nn.Module):
+    """``(B, 1, X, Y, Z) -> (B, 2, X, Y, Z)`` segmentation logits of a pathway (for the sliding window)."""
+
+    def __init__(self, pathway: nn.Module):
+        super().__init__()
+        self.pathway = pathway
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.pathway(x).seg
+
+
+class ClassifierHead(nn.Module):
+    """``(B, 1, X, Y, Z) -> (B, 1)`` classification logit of a pathway (what Grad-CAM differentiates)."""
+
+    def __init__(self, pathway: nn.Module):
+        super().__init__()
+        self.pathway = pathway
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.pathway(x).cls.reshape(-1, 1)
+
+
+def cam_target_layer(head: ClassifierHead) -> str:
+    """The name of the last convolutional stage of the encoder, the Grad-CAM target.
+
+    The deepest encoder map (320 channels, stride 32) is the input of the classifier, so its gradient-weighted
+    activations are the class activation map of the classifier.
+    """
+    name = getattr(head.pathway, "cam_layer", None)
+    if name:
+        return f"pathway.{name}"
+    last = None
+    for n, m in head.named_modules():
+        if "encoder" in n and isinstance(m, nn.Conv3d):
+            last = n
+    if last is None:
+        raise ValueError("no 3D convolution found in the pathway's encoder for Grad-CAM")
+    return last
+
+
+def window_scores(pathway: nn.Module, volume: torch.Tensor, patch: tuple[int, int, int], overlap: float) -> float:
+    """The maximum classifier probability over the sliding windows of ``volume`` ``(1, 1, X, Y, Z)``."""
+    from monai.data.utils import dense_patch_slices, get_valid_patch_size
+    from monai.transforms import SpatialPad
+
+    vol = SpatialPad(spatial_size=patch)(volume[0])[None]
+    size = vol.shape[2:]
+    patch = get_valid_patch_size(size, patch)
+    interval = [max(1, int(p * (1 - overlap))) for p in patch]
+    best = 0.0
+    with torch.no_grad():
+        for sl in dense_patch_slices(size, patch, interval):
+            logit = pathway(vol[(slice(None), slice(None), *sl)]).cls
+            best = max(best, float(torch.sigmoid(logit).max()))
+    return best
+
+
+def infer_split(
+    model_path: str | os.PathLike,
+    splits_tsv: str | os.PathLike,
+    split: str,
+    preprocessed_dir: str | os.PathLike,
+    out_tsv: str | os.PathLike,
+    params: dict[str, Any] | None = None,
+    patch_size: tuple[int, int, int] = (64, 64, 32),
+    nifti_dir: str | os.PathLike | None = None,
+    ref_template: str | None = None,
+    device: str = "cpu",
+) -> pd.DataFrame:
+    """Predict every patient of ``split`` and write the predictions TSV (docs/contracts.md).
+
+    Returns the predictions table: ``patient_id, split, label, prob`` and, where written, the ``mask``,
+    ``cam``, ``image`` and ``ref_mask`` paths (relative to the TSV's folder).
+    """
+    from monai.inferers import sliding_window_inference
+    from monai.visualize import GradCAM
+
+    from cpmn.data.preprocess import to_original_grid
+    from cpmn.train import centre_patch_score
+    from cpmn.variants import load_for_inference
+
+    p = {**DEFAULTS, **(params or {})}
+    patch = tuple(int(v) for v in patch_size)
+    out_tsv = Path(out_tsv)
+    out_dir = out_tsv.parent
+    masks_dir = out_dir / split
+    pathway, phase = load_for_inference(model_path, device)
+    pathway.eval()
+    seg_head = SegmentationHead(pathway)
+    cls_head = ClassifierHead(pathway)
+    splits = pd.read_csv(splits_tsv, sep="\t", dtype={"patient_id": str})
+    ids = splits.loc[splits["split"] == split, "patient_id"].tolist()
+    if not ids:
+        raise ValueError(f"{splits_tsv}: split {split!r} has no patients")
+    write_masks = split in p["mask_splits"]
+    write_cams = split in p["cam_splits"]
+    rows = []
+    for pid in tqdm(ids, desc=f"infer {split}", unit="patient"):
+        npz = np.load(Path(preprocessed_dir) / f"{pid}.npz")
+        vol = torch.from_numpy(np.ascontiguousarray(npz[phase], dtype=np.float32))[None, None].to(device)
+        if p["score"] == "centre":
+            prob = float(centre_patch_score(pathway, npz[phase], patch, device))
+        else:
+            prob = window_scores(pathway, vol, patch, float(p["overlap"]))
+        row: dict[str, Any] = {"patient_id": pid, "split": split, "label": int(npz["label"]), "prob": prob}
+        orig_affine = np.asarray(npz["orig_affine"], dtype=float)
+        if write_masks:
+            with torch.no_grad():
+                logits = sliding_window_inference(
+                    vol, patch, int(p["sw_batch_size"]), seg_head, overlap=float(p["overlap"]), mode="gaussian"
+                )
+            mask = logits.argmax(1)[0].cpu().numpy().astype(np.uint8)
+            row["mask"] = _write_nifti(
+                to_original_grid(mask, npz, order=0).astype(np.uint8), orig_affine, masks_dir / f"{pid}_mask.nii.gz"
+            )
+        if write_cams:
+            cam = GradCAM(cls_head, target_layers=cam_target_layer(cls_head))
+            with torch.enable_grad():
+                heat = sliding_window_inference(
+                    vol, patch, 1, cam, overlap=float(p["overlap"]), mode="gaussian"
+                )
+            heat = heat[0, 0].detach().cpu().numpy().astype(np.float32)
+            row["cam"] = _write_nifti(
+                to_original_grid(heat, npz, order=1).astype(np.float32),
+                orig_affine,
+                masks_dir / f"{pid}_cam.nii.gz",
+            )
+        if nifti_dir is not None:
+            row["image"] = os.path.relpath(Path(nifti_dir) / pid / "nct.nii.gz", out_dir)
+        if ref_template:
+            ref = Path(ref_template.format(patient=pid))
+            if ref.exists():
+                row["ref_mask"] = os.path.relpath(ref, out_dir)
+        rows.append(row)
+    df = pd.DataFrame(rows)
+    with atomic_path(out_tsv) as tmp:
+        df.to_csv(tmp, sep="\t", index=False, float_format="%.6g")
+    return df
+
+
+def _write_nifti(array: np.ndarray, affine: np.ndarray, path: Path) -> str:
+    """Write ``array`` on the original NCT grid; returns the path relative to the predictions folder."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(nib.Nifti1Image(array, affine), path)
+    return os.path.relpath(path, path.parent.parent)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="results/models/{variant}/model.pt")
+    parser.add_argument("--splits", required=True, help="results/splits.tsv")
+    parser.add_argument("--split", required=True, choices=["train", "val", "test"])
+    parser.add_argument("--preprocessed-dir", required=True)
+    parser.add_argument("--out", required=True, help="results/predictions/{variant}/{split}.tsv")
+    parser.add_argument("--nifti-dir", default=None, help="results/nifti (for the image column)")
+    parser.add_argument(
+        "--ref-template", default=None, help="reference mask path with {patient}, e.g. results/registered/..."
+    )
+    parser.add_argument("--device", default="cpu")
+    add_config_arguments(parser)
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = resolve(args)
+    infer_cfg = cfg.get("infer", {})
+    patch = tuple(cfg.get("patches", {}).get("size", (64, 64, 32)))
+    df = infer_split(
+        args.model,
+        args.splits,
+        args.split,
+        args.preprocessed_dir,
+        args.out,
+        params=infer_cfg,
+        patch_size=patch,
+        nifti_dir=args.nifti_dir,
+        ref_template=args.ref_template,
+        device=args.device,
+    )
+    print(f"{args.split}: {len(df)} patients, mean prob {df['prob'].mean():.3f} -> {args.out}")
+    return 0

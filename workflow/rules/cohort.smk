@@ -1,0 +1,65 @@
+# The cohort: the synthetic phantom (embedded default), screening of every row, and the temporal split.
+
+
+rule synthesize_cohort:
+    output:
+        sheet=f"{SYNTH_DIR}/cohort.tsv",
+        readers=f"{SYNTH_DIR}/readers.tsv",
+        montage=report(
+            f"{SYNTH_DIR}/montage.png",
+            caption="../report/montage.rst",
+            category="Cohort",
+        ),
+    params:
+        out=SYNTH_DIR,
+        cfg=section("synthetic"),
+    log:
+        f"{RES}/logs/synthesize_cohort.log",
+    benchmark:
+        f"{RES}/benchmarks/synthesize_cohort.tsv"
+    threads: 1
+    resources:
+        mem_mb=4000,
+        runtime=30,
+    shell:
+        "cpmn synth --out {params.out} --params {params.cfg:q} > {log} 2>&1"
+
+
+checkpoint screen_cohort:
+    input:
+        sheet=cohort_sheet(),
+    output:
+        included=f"{RES}/cohort.included.tsv",
+        excluded=report(
+            f"{RES}/qc/excluded.tsv",
+            caption="../report/excluded.rst",
+            category="Quality control",
+        ),
+    params:
+        cfg=section("convert"),
+    log:
+        f"{RES}/logs/screen_cohort.log",
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=30,
+    shell:
+        "cpmn screen --sheet {input.sheet} --included {output.included} --excluded {output.excluded}"
+        " --params {params.cfg:q} > {log} 2>&1"
+
+
+rule split:
+    input:
+        sheet=f"{RES}/cohort.included.tsv",
+    output:
+        f"{RES}/splits.tsv",
+    params:
+        cfg=section("split"),
+    log:
+        f"{RES}/logs/split.log",
+    threads: 1
+    resources:
+        mem_mb=1000,
+        runtime=5,
+    shell:
+        "cpmn split --sheet {input.sheet} --out {output} --params {params.cfg:q} > {log} 2>&1"

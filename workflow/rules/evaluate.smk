@@ -1,0 +1,42 @@
+# evaluate: Table 1, Table 2, Fig. 2 and every p-value and CI, from the prediction files alone.
+
+
+rule evaluate:
+    input:
+        predictions=prediction_files,
+        readers=readers_file(),
+    output:
+        table1=report(
+            f"{RES}/tables/table1_ablation.tsv",
+            caption="../report/table1.rst",
+            category="Tables",
+        ),
+        table2=report(
+            f"{RES}/tables/table2_comparison.tsv",
+            caption="../report/table2.rst",
+            category="Tables",
+        ),
+        roc=report(
+            f"{RES}/figures/fig2a_roc.png", caption="../report/fig2a.rst", category="Figures"
+        ),
+        case=report(
+            f"{RES}/figures/fig2b_case.png", caption="../report/fig2b.rst", category="Figures"
+        ),
+        stats=f"{RES}/stats.json",
+    params:
+        predictions=expand(f"{{variant}}={RES}/predictions/{{variant}}", variant=VARIANTS),
+        readers=f"--readers {readers_file()[0]}" if readers_file() else "",
+        tables=subpath(output.table1, parent=True),
+        figures=subpath(output.roc, parent=True),
+        cfg=section("evaluate"),
+    log:
+        f"{RES}/logs/evaluate.log",
+    benchmark:
+        f"{RES}/benchmarks/evaluate.tsv"
+    threads: 1
+    resources:
+        mem_mb=4000,
+        runtime=30,
+    shell:
+        "cpmn evaluate --predictions {params.predictions} {params.readers} --out-tables {params.tables}"
+        " --out-figures {params.figures} --stats {output.stats} --params {params.cfg:q} > {log} 2>&1"

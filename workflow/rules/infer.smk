@@ -1,0 +1,29 @@
+# infer: sliding-window inference on NCT (CTPA for the ctpa variant): patient probability, mask and Grad-CAM.
+
+
+rule infer:
+    input:
+        model=f"{RES}/models/{{variant}}/model.pt",
+        splits=f"{RES}/splits.tsv",
+        preprocessed=preprocessed_files,
+    output:
+        f"{RES}/predictions/{{variant}}/{{split}}.tsv",
+    params:
+        pre=f"{RES}/preprocessed",
+        nifti=f"{RES}/nifti",
+        refs=ref_template,
+        cfg=infer_params(),
+        device=DEVICE,
+    log:
+        f"{RES}/logs/infer/{{variant}}_{{split}}.log",
+    benchmark:
+        f"{RES}/benchmarks/infer/{{variant}}_{{split}}.tsv"
+    threads: 2
+    resources:
+        gpu=GPU,
+        mem_mb=4000,
+        runtime=30,
+    shell:
+        "cpmn infer --model {input.model} --splits {input.splits} --split {wildcards.split}"
+        " --preprocessed-dir {params.pre} --nifti-dir {params.nifti} --ref-template {params.refs:q}"
+        " --out {output} --device {params.device} --params {params.cfg:q} > {log} 2>&1"
