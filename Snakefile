@@ -9,6 +9,14 @@ configfile: "config/config.yaml"
 
 
 include: "workflow/rules/common.smk"
+
+
+wildcard_constraints:
+    patient=r"[A-Za-z0-9_.-]+",
+    variant="|".join(VARIANTS),
+    split="train|val|test",
+
+
 include: "workflow/rules/cohort.smk"
 include: "workflow/rules/convert.smk"
 include: "workflow/rules/register.smk"
@@ -19,6 +27,6 @@ include: "workflow/rules/evaluate.smk"
 
 
 rule all:
+    default_target: True
     input:
         final_outputs(),
-    default_target: True

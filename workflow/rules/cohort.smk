@@ -10,17 +10,19 @@ rule synthesize_cohort:
             caption="../report/montage.rst",
             category="Cohort",
         ),
-    params:
-        out=SYNTH_DIR,
-        cfg=section("synthetic"),
     log:
         f"{RES}/logs/synthesize_cohort.log",
     benchmark:
         f"{RES}/benchmarks/synthesize_cohort.tsv"
+    conda:
+        "../../envs/dicom.yaml"
     threads: 1
     resources:
         mem_mb=4000,
         runtime=30,
+    params:
+        out=output_dir("sheet"),
+        cfg=section("synthetic"),
     shell:
         "cpmn synth --out {params.out} --params {params.cfg:q} > {log} 2>&1"
 
@@ -35,14 +37,16 @@ checkpoint screen_cohort:
             caption="../report/excluded.rst",
             category="Quality control",
         ),
-    params:
-        cfg=section("convert"),
     log:
         f"{RES}/logs/screen_cohort.log",
+    conda:
+        "../../envs/dicom.yaml"
     threads: 1
     resources:
         mem_mb=2000,
         runtime=30,
+    params:
+        cfg=section("convert"),
     shell:
         "cpmn screen --sheet {input.sheet} --included {output.included} --excluded {output.excluded}"
         " --params {params.cfg:q} > {log} 2>&1"
@@ -53,13 +57,15 @@ rule split:
         sheet=f"{RES}/cohort.included.tsv",
     output:
         f"{RES}/splits.tsv",
-    params:
-        cfg=section("split"),
     log:
         f"{RES}/logs/split.log",
+    conda:
+        "../../envs/dicom.yaml"
     threads: 1
     resources:
         mem_mb=1000,
         runtime=5,
+    params:
+        cfg=section("split"),
     shell:
         "cpmn split --sheet {input.sheet} --out {output} --params {params.cfg:q} > {log} 2>&1"

@@ -17,26 +17,34 @@ rule evaluate:
             category="Tables",
         ),
         roc=report(
-            f"{RES}/figures/fig2a_roc.png", caption="../report/fig2a.rst", category="Figures"
+            f"{RES}/figures/fig2a_roc.png",
+            caption="../report/fig2a.rst",
+            category="Figures",
         ),
         case=report(
-            f"{RES}/figures/fig2b_case.png", caption="../report/fig2b.rst", category="Figures"
+            f"{RES}/figures/fig2b_case.png",
+            caption="../report/fig2b.rst",
+            category="Figures",
         ),
         stats=f"{RES}/stats.json",
-    params:
-        predictions=expand(f"{{variant}}={RES}/predictions/{{variant}}", variant=VARIANTS),
-        readers=f"--readers {readers_file()[0]}" if readers_file() else "",
-        tables=subpath(output.table1, parent=True),
-        figures=subpath(output.roc, parent=True),
-        cfg=section("evaluate"),
     log:
         f"{RES}/logs/evaluate.log",
     benchmark:
         f"{RES}/benchmarks/evaluate.tsv"
+    conda:
+        "../../envs/evaluate.yaml"
     threads: 1
     resources:
         mem_mb=4000,
         runtime=30,
+    params:
+        predictions=expand(
+            f"{{variant}}={RES}/predictions/{{variant}}", variant=VARIANTS
+        ),
+        readers=f"--readers {readers_file()[0]}" if readers_file() else "",
+        tables=output_dir("table1"),
+        figures=output_dir("roc"),
+        cfg=section("evaluate"),
     shell:
         "cpmn evaluate --predictions {params.predictions} {params.readers} --out-tables {params.tables}"
         " --out-figures {params.figures} --stats {output.stats} --params {params.cfg:q} > {log} 2>&1"

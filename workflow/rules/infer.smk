@@ -8,21 +8,23 @@ rule infer:
         preprocessed=preprocessed_files,
     output:
         f"{RES}/predictions/{{variant}}/{{split}}.tsv",
-    params:
-        pre=f"{RES}/preprocessed",
-        nifti=f"{RES}/nifti",
-        refs=ref_template,
-        cfg=infer_params(),
-        device=DEVICE,
     log:
         f"{RES}/logs/infer/{{variant}}_{{split}}.log",
     benchmark:
         f"{RES}/benchmarks/infer/{{variant}}_{{split}}.tsv"
+    conda:
+        "../../envs/torch.yaml"
     threads: 2
     resources:
         gpu=GPU,
         mem_mb=4000,
         runtime=30,
+    params:
+        pre=input_dir("preprocessed"),
+        nifti=f"{RES}/nifti",
+        refs=ref_template,
+        cfg=infer_params(),
+        device=DEVICE,
     shell:
         "cpmn infer --model {input.model} --splits {input.splits} --split {wildcards.split}"
         " --preprocessed-dir {params.pre} --nifti-dir {params.nifti} --ref-template {params.refs:q}"

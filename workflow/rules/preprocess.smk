@@ -9,18 +9,20 @@ rule preprocess:
         truth=truth_mask,
     output:
         f"{RES}/preprocessed/{{patient}}.npz",
-    params:
-        label=patient_label,
-        truth=truth_flag,
-        cfg=section("preprocess"),
     log:
         f"{RES}/logs/preprocess/{{patient}}.log",
     benchmark:
         f"{RES}/benchmarks/preprocess/{{patient}}.tsv"
+    conda:
+        "../../envs/register.yaml"
     threads: 1
     resources:
         mem_mb=2000,
         runtime=10,
+    params:
+        label=patient_label,
+        truth=truth_flag,
+        cfg=section("preprocess"),
     shell:
         "cpmn preprocess --patient {wildcards.patient} --label {params.label} --nct {input.nct}"
         " --ctpa {input.ctpa} --mask {input.mask} {params.truth} --out {output}"
@@ -32,13 +34,15 @@ rule patches:
         f"{RES}/preprocessed/{{patient}}.npz",
     output:
         f"{RES}/patches/{{patient}}.npz",
-    params:
-        cfg=section("patches"),
     log:
         f"{RES}/logs/patches/{{patient}}.log",
+    conda:
+        "../../envs/register.yaml"
     threads: 1
     resources:
         mem_mb=1000,
         runtime=5,
+    params:
+        cfg=section("patches"),
     shell:
         "cpmn patches --preprocessed {input} --out {output} --params {params.cfg:q} > {log} 2>&1"

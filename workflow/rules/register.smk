@@ -12,18 +12,20 @@ rule register:
         ctpa=f"{RES}/registered/{{patient}}/ctpa_in_nct.nii.gz",
         mask=f"{RES}/registered/{{patient}}/mask_in_nct.nii.gz",
         qc=f"{RES}/registered/{{patient}}/qc.json",
-    params:
-        out=subpath(output.qc, parent=True),
-        truth=truth_flag,
-        cfg=section("register"),
     log:
         f"{RES}/logs/register/{{patient}}.log",
     benchmark:
         f"{RES}/benchmarks/register/{{patient}}.tsv"
+    conda:
+        "../../envs/register.yaml"
     threads: config["resources"]["register_threads"]
     resources:
         mem_mb=4000,
         runtime=30,
+    params:
+        out=output_dir("qc"),
+        truth=truth_flag,
+        cfg=section("register"),
     shell:
         "cpmn register --patient {wildcards.patient} --nct {input.nct} --ctpa {input.ctpa}"
         " --mask {input.mask} {params.truth} --out-dir {params.out} --threads {threads}"
@@ -41,6 +43,8 @@ rule registration_qc:
         ),
     log:
         f"{RES}/logs/registration_qc.log",
+    conda:
+        "../../envs/register.yaml"
     threads: 1
     resources:
         mem_mb=1000,

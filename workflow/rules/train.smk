@@ -14,21 +14,23 @@ rule train:
             category="Training",
             subcategory="{variant}",
         ),
-    params:
-        out=subpath(output.model, parent=True),
-        pre=f"{RES}/preprocessed",
-        patches=f"{RES}/patches",
-        cfg=train_params(),
-        device=DEVICE,
     log:
         f"{RES}/logs/train/{{variant}}.log",
     benchmark:
         f"{RES}/benchmarks/train/{{variant}}.tsv"
+    conda:
+        "../../envs/torch.yaml"
     threads: 2
     resources:
         gpu=GPU,
         mem_mb=config["resources"]["train_mem_mb"],
         runtime=config["resources"]["train_runtime"],
+    params:
+        out=output_dir("model"),
+        pre=input_dir("preprocessed"),
+        patches=input_dir("patches"),
+        cfg=train_params(),
+        device=DEVICE,
     shell:
         "cpmn train --variant {wildcards.variant} --splits {input.splits} --preprocessed-dir {params.pre}"
         " --patches-dir {params.patches} --out-dir {params.out} --device {params.device}"

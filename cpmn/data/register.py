@@ -1,0 +1,410 @@
+"""Register the CTPA scan onto the NCT scan (antspyx) and warp the image and the embolus mask.
+
+``cpmn register --nct F --ctpa F --mask F --out-dir D --patient P [--truth-mask F] [--threads N]``
+
+The NCT is the fixed image and the CTPA the moving one: everything downstream lives on the NCT grid,
+so the CTPA image and its annotation are brought into NCT space. ``ants.registration`` with
+``type_of_transform="SyN"`` runs a centre-of-mass initialisation, an affine stage and then a symmetric
+diffeomorphic (SyN) stage; metric, iterations and regularisation come from the ``register`` config
+section.
+
+Two things are done to the *registration copies* only (the transforms are then applied to the
+full-resolution, unclipped images):
+
+* HU clipping to ``hu_clip`` (default [-1000, 600]). Contrast-enhanced vessels reach several hundred HU
+  in CTPA but ~40 HU in NCT; clipping bounds that contrast difference so that the metric is driven by the
+  body outline, lungs, bone and soft tissue that both phases share rather than by the iodinated blood.
+* Downsampling to ``reg_spacing`` mm (default 2.5) where the scan is finer. Registration cost grows with
+  the voxel count while the deformation between two breath-holds of the same patient is smooth, so a
+  2.5 mm grid estimates it well; the affine matrix is in physical space and the warp field is
+  interpolated when it is applied to the full-resolution grid.
+
+Outputs in ``D``: ``ctpa_in_nct.nii.gz`` (linear interpolation, air (-1024 HU) outside the CTPA field of
+view), ``mask_in_nct.nii.gz`` (uint8, ``genericLabel`` interpolation), ``transforms/`` (the forward affine
+``0GenericAffine.mat``, the forward warp ``1Warp.nii.gz``, its inverse ``1InverseWarp.nii.gz`` and
+``transforms.json`` naming the forward and inverse lists as ``ants.apply_transforms`` takes them) and ``qc.json``.
+
+antspyx is imported lazily, after the thread count and random seed are put into the environment, and no
+function that downloads data (``ants.get_data``) is ever called.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cpmn.config import add_config_arguments, resolve
+from cpmn.errors import InputError, atomic_path, report
+
+#: defaults equal to config/config.yaml ``register``
+DEFAULTS: dict[str, Any] = {
+    "type_of_transform": "SyN",
+    "aff_metric": "mattes",
+    "syn_metric": "mattes",
+    "reg_iterations": [40, 20, 0],
+    "grad_step": 0.2,
+    "flow_sigma": 3,
+    "total_sigma": 0,
+    "random_seed": 1,
+    "hu_clip": [-1000, 600],
+    "reg_spacing": 2.5,
+    "body_threshold_hu": -500,
+}
+
+AIR_HU = -1024.0
+
+
+def _setup_environment(threads: int | None, seed: int) -> None:
+    """Thread count and seed for ITK/ANTs; must run before ANTs creates its thread pool."""
+    if threads is not None:
+        os.environ["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"] = str(int(threads))
+    os.environ["ANTS_RANDOM_SEED"] = str(int(seed))
+
+
+def _read(path: str | os.PathLike, patient_id: str, what: str):
+    import ants
+
+    p = Path(path)
+    if not p.is_file():
+        raise InputError(patient_id, p, f"{what} file does not exist")
+    try:
+        img = ants.image_read(str(p))
+    except Exception as exc:  # noqa: BLE001 - ants raises assorted types for unreadable files
+        raise InputError(
+            patient_id, p, f"cannot read {what} image ({exc.__class__.__name__}: {exc})"
+        ) from exc
+    if img.dimension != 3 or img.components != 1:
+        raise InputError(
+            patient_id, p, f"{what} must be a 3D scalar image, got {img.dimension}D x {img.components}"
+        )
+    return img
+
+
+def _same_grid(a, b) -> bool:
+    return (
+        a.shape == b.shape
+        and np.allclose(a.spacing, b.spacing, atol=1e-3)
+        and np.allclose(a.origin, b.origin, atol=1e-2)
+        and np.allclose(a.direction, b.direction, atol=1e-4)
+    )
+
+
+def registration_copy(img, hu_clip: tuple[float, float] | None, reg_spacing: float | None):
+    """The image the metric sees: HU-clipped and, where finer than ``reg_spacing`` mm, downsampled."""
+    import ants
+
+    out = img.clone("float")
+    if hu_clip is not None:
+        arr = np.clip(out.numpy(), float(hu_clip[0]), float(hu_clip[1]))
+        out = ants.from_numpy(arr, origin=out.origin, spacing=out.spacing, direction=out.direction)
+    if reg_spacing:
+        spacing = tuple(max(float(s), float(reg_spacing)) for s in out.spacing)
+        if not np.allclose(spacing, out.spacing):
+            out = ants.resample_image(out, spacing, use_voxels=False, interp_type=0)
+    return out
+
+
+def body_mask(nct: np.ndarray, threshold_hu: float) -> np.ndarray:
+    """Largest connected component above ``threshold_hu``, holes filled (bool, same shape as ``nct``)."""
+    from scipy import ndimage
+
+    fg = nct > threshold_hu
+    lab, n = ndimage.label(fg)
+    if n == 0:
+        return fg
+    sizes = np.bincount(lab.ravel())
+    sizes[0] = 0
+    return ndimage.binary_fill_holes(lab == int(np.argmax(sizes)))
+
+
+def ncc(a: np.ndarray, b: np.ndarray, where: np.ndarray) -> float:
+    """Normalised cross-correlation (Pearson r) of ``a`` and ``b`` over the voxels in ``where``."""
+    x = a[where].astype(np.float64)
+    y = b[where].astype(np.float64)
+    if x.size < 2:
+        return float("nan")
+    x -= x.mean()
+    y -= y.mean()
+    den = math.sqrt(float((x * x).sum()) * float((y * y).sum()))
+    return float((x * y).sum() / den) if den > 0 else float("nan")
+
+
+def dice(a: np.ndarray, b: np.ndarray) -> float:
+    """Dice of two binary masks; NaN when both are empty."""
+    a = a > 0
+    b = b > 0
+    s = int(a.sum()) + int(b.sum())
+    return float(2.0 * np.logical_and(a, b).sum() / s) if s else float("nan")
+
+
+def _jacobian_qc(domain, fwdtransforms: list[str]) -> tuple[float, float]:
+    """(min Jacobian determinant, % voxels with det <= 0) of the forward transform on ``domain``."""
+    import ants
+
+    warps = [t for t in fwdtransforms if t.endswith(".nii.gz") or t.endswith(".nii")]
+    affines = [t for t in fwdtransforms if t.endswith(".mat")]
+    aff_det = 1.0
+    for t in affines:
+        params = np.asarray(ants.read_transform(t).parameters, dtype=np.float64)
+        aff_det *= float(np.linalg.det(params[:9].reshape(3, 3)))
+    if not warps:
+        return aff_det, 0.0 if aff_det > 0 else 100.0
+    jac = ants.create_jacobian_determinant_image(domain, warps[0], do_log=False).numpy()
+    # the warp is defined relative to the affine-aligned image; the full map's determinant is the product
+    jac = jac * aff_det
+    return float(jac.min()), float(100.0 * np.mean(jac <= 0))
+
+
+def register_patient(
+    nct: str | os.PathLike,
+    ctpa: str | os.PathLike,
+    mask: str | os.PathLike | None,
+    out_dir: str | os.PathLike,
+    patient_id: str,
+    params: dict[str, Any] | None = None,
+    truth_mask: str | os.PathLike | None = None,
+    threads: int | None = None,
+) -> dict[str, Any]:
+    """Register CTPA (moving) to NCT (fixed); warp the CTPA image and its mask into NCT space.
+
+    ``mask`` is the embolus annotation on the CTPA grid (uint8 0/1, same grid as ``ctpa``; ``None`` for a
+    patient without annotation gives an empty mask). ``truth_mask`` (phantom only) is the true embolus mask
+    on the NCT grid, used for ``dice_truth``. Returns the QC dict that is also written to ``out_dir/qc.json``:
+    ``patient_id, ncc_before, ncc_after, jac_min, folding_pct, seconds, dice_truth, transform`` and a few
+    settings. Raises :class:`InputError` for unreadable or inconsistent inputs before writing anything.
+    """
+    p = {**DEFAULTS, **(params or {})}
+    _setup_environment(threads, p["random_seed"])
+    import ants
+    import ants.config
+
+    ants.config._random_seed = int(p["random_seed"])  # adds --random-seed to antsRegistration
+
+    t0 = time.perf_counter()
+    out_dir = Path(out_dir)
+    fixed = _read(nct, patient_id, "NCT")
+    moving = _read(ctpa, patient_id, "CTPA")
+    if mask is not None:
+        mask_img = _read(mask, patient_id, "mask")
+        if not _same_grid(mask_img, moving):
+            raise InputError(
+                patient_id, mask, f"mask grid {mask_img.shape} does not match the CTPA grid {moving.shape}"
+            )
+        if not np.isin(np.unique(mask_img.numpy()), [0, 1]).all():
+            raise InputError(patient_id, mask, "mask must contain only 0 and 1")
+    else:
+        mask_img = moving.new_image_like(np.zeros(moving.shape, dtype=np.float32))
+    truth = None
+    if truth_mask is not None:
+        truth_img = _read(truth_mask, patient_id, "truth mask")
+        if truth_img.shape != fixed.shape:
+            raise InputError(
+                patient_id, truth_mask, f"truth mask shape {truth_img.shape} != NCT {fixed.shape}"
+            )
+        truth = truth_img.numpy() > 0.5
+
+    hu_clip = p["hu_clip"]
+    fixed_r = registration_copy(fixed, hu_clip, p["reg_spacing"])
+    moving_r = registration_copy(moving, hu_clip, p["reg_spacing"])
+
+    with tempfile.TemporaryDirectory(prefix=f"cpmn_reg_{patient_id}_") as tmp:
+        reg = ants.registration(
+            fixed=fixed_r,
+            moving=moving_r,
+            type_of_transform=p["type_of_transform"],
+            aff_metric=p["aff_metric"],
+            syn_metric=p["syn_metric"],
+            reg_iterations=tuple(int(i) for i in p["reg_iterations"]),
+            grad_step=float(p["grad_step"]),
+            flow_sigma=float(p["flow_sigma"]),
+            total_sigma=float(p["total_sigma"]),
+            outprefix=str(Path(tmp) / "reg_"),
+        )
+        fwd = list(reg["fwdtransforms"])
+        inv = list(reg["invtransforms"])
+        warped = ants.apply_transforms(
+            fixed=fixed, moving=moving, transformlist=fwd, interpolator="linear", defaultvalue=AIR_HU
+        )
+        warped_mask = ants.apply_transforms(
+            fixed=fixed, moving=mask_img.clone("float"), transformlist=fwd, interpolator="genericLabel"
+        )
+        identity = ants.resample_image_to_target(moving, fixed, interp_type="linear")
+        jac_min, folding_pct = _jacobian_qc(fixed_r, fwd)
+
+        # --- QC on the NCT grid: body mask of the NCT, HU-windowed intensities
+        lo, hi = float(hu_clip[0]), float(hu_clip[1])
+        f_arr = np.clip(fixed.numpy(), lo, hi)
+        body = body_mask(fixed.numpy(), float(p["body_threshold_hu"]))
+        # identity resampling leaves 0 outside the CTPA field of view: treat it as air like the warp does
+        id_arr = identity.numpy()
+        id_arr[~np.isfinite(id_arr)] = AIR_HU
+        ncc_before = ncc(f_arr, np.clip(id_arr, lo, hi), body)
+        ncc_after = ncc(f_arr, np.clip(warped.numpy(), lo, hi), body)
+        mask_arr = (warped_mask.numpy() > 0.5).astype(np.uint8)
+        qc = {
+            "patient_id": patient_id,
+            "ncc_before": ncc_before,
+            "ncc_after": ncc_after,
+            "jac_min": jac_min,
+            "folding_pct": folding_pct,
+            "seconds": 0.0,
+            "dice_truth": dice(mask_arr, truth) if truth is not None else float("nan"),
+            "transform": p["type_of_transform"],
+            "mask_voxels_ctpa": int((mask_img.numpy() > 0.5).sum()),
+            "mask_voxels_nct": int(mask_arr.sum()),
+            "reg_spacing": list(fixed_r.spacing),
+            "threads": threads,
+        }
+
+        # --- write: every output to a temporary name first; qc.json last
+        out_dir.mkdir(parents=True, exist_ok=True)
+        tx_tmp = Path(tempfile.mkdtemp(prefix=".transforms.tmp", dir=out_dir))
+        try:
+            names = {src: Path(src).name.removeprefix("reg_") for src in dict.fromkeys(fwd + inv)}
+            for src, name in names.items():
+                shutil.copyfile(src, tx_tmp / name)
+            (tx_tmp / "transforms.json").write_text(
+                json.dumps(
+                    {
+                        "fwdtransforms": [names[t] for t in fwd],
+                        "invtransforms": [names[t] for t in inv],
+                        "whichtoinvert_inverse": [t.endswith(".mat") for t in inv],
+                        "registration_spacing": list(fixed_r.spacing),
+                        "note": "ants.apply_transforms(fixed=nct, moving=ctpa, transformlist=fwdtransforms)",
+                    },
+                    indent=2,
+                )
+            )
+            with atomic_path(out_dir / "ctpa_in_nct.nii.gz") as tmp_img:
+                ants.image_write(warped, str(tmp_img))
+            with atomic_path(out_dir / "mask_in_nct.nii.gz") as tmp_mask:
+                ants.image_write(
+                    fixed.new_image_like(mask_arr.astype(np.float32)).astype("uint8"), str(tmp_mask)
+                )
+            final_tx = out_dir / "transforms"
+            if final_tx.exists():
+                shutil.rmtree(final_tx)
+            os.replace(tx_tmp, final_tx)
+        finally:
+            if tx_tmp.exists():
+                shutil.rmtree(tx_tmp)
+        qc["seconds"] = round(time.perf_counter() - t0, 3)
+        with atomic_path(out_dir / "qc.json") as tmp_qc:
+            tmp_qc.write_text(json.dumps(qc, indent=2) + "\n")
+    return qc
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--nct", required=True, help="NCT NIfTI (fixed image)")
+    parser.add_argument("--ctpa", required=True, help="CTPA NIfTI (moving image)")
+    parser.add_argument("--mask", required=True, help="embolus mask NIfTI on the CTPA grid")
+    parser.add_argument("--out-dir", required=True, help="output folder D")
+    parser.add_argument("--patient", required=True, help="patient id")
+    parser.add_argument("--truth-mask", default=None, help="true embolus mask on the NCT grid (phantom)")
+    parser.add_argument("--threads", type=int, default=None, help="ITK threads (default: ITK's own)")
+    add_config_arguments(parser)
+
+
+def run(args: argparse.Namespace) -> int:
+    params = resolve(args, "register")
+    try:
+        qc = register_patient(
+            args.nct,
+            args.ctpa,
+            args.mask,
+            args.out_dir,
+            args.patient,
+            params,
+            truth_mask=args.truth_mask,
+            threads=args.threads,
+        )
+    except InputError as err:
+        return report(err)
+    print(
+        f"{qc['patient_id']}: NCC {qc['ncc_before']:.3f} -> {qc['ncc_after']:.3f}, jac_min {qc['jac_min']:.3f}, "
+        f"folding {qc['folding_pct']:.3f}%, Dice(truth) {qc['dice_truth']:.3f}, {qc['seconds']:.1f} s"
+    )
+    return 0
+
+
+def synthetic_pair(
+    shape: tuple[int, int, int] = (48, 48, 48),
+    spacing: float = 4.0,
+    shift_mm: tuple[float, float, float] = (5.0, -4.0, 3.0),
+    rot_deg: float = 4.0,
+    warp_mm: float = 2.5,
+    seed: int = 0,
+) -> dict[str, np.ndarray]:
+    """A synthetic chest-like NCT/CTPA pair with a known misalignment (for tests and benchmarks).
+
+    The anatomy (body ellipsoid with texture, two lungs, spine, a heart and vessels that enhance only in
+    CTPA, two spherical "clots" in the vessels) is an analytic function of world position (mm, centred on
+    the volume). The NCT samples it on its grid at ``x``; the CTPA on the same grid at ``phi(x) = R x + t +
+    d(x)`` (rotation about z by ``rot_deg``, shift ``shift_mm``, smooth sinusoidal displacement of amplitude
+    ``warp_mm``), i.e. the CTPA is the anatomy moved by ``phi^-1``. Returns ``nct``, ``ctpa`` (float32 HU),
+    ``ctpa_mask`` (uint8, clots in CTPA space), ``nct_mask`` (uint8, the true clots on the NCT grid) all of
+    ``shape``, and ``affine`` (4x4 RAS affine shared by both grids).
+    """
+    rng = np.random.default_rng(seed)
+    shape = tuple(int(s) for s in shape)
+    extent = np.array(shape, dtype=np.float64) * spacing
+    grid = np.stack(np.meshgrid(*[np.arange(n, dtype=np.float64) for n in shape], indexing="ij"), axis=-1)
+    x = (grid + 0.5) * spacing - extent / 2.0  # world mm, (X, Y, Z, 3)
+    freqs = rng.normal(0.0, 2 * np.pi / 40.0, size=(6, 3))
+    phases = rng.uniform(0, 2 * np.pi, size=6)
+
+    def anatomy(pts: np.ndarray, contrast: bool) -> tuple[np.ndarray, np.ndarray]:
+        u = pts / (extent / 2.0)
+        hu = np.full(pts.shape[:-1], -1000.0)
+        texture = sum(np.sin(pts @ f + ph) for f, ph in zip(freqs, phases, strict=True)) * 12.0
+        body = (u[..., 0] / 0.85) ** 2 + (u[..., 1] / 0.65) ** 2 + (u[..., 2] / 0.95) ** 2 < 1
+        hu[body] = 40.0 + texture[body]
+        for sx in (-0.4, 0.4):
+            lung = ((u[..., 0] - sx) / 0.3) ** 2 + ((u[..., 1] + 0.05) / 0.42) ** 2 + (
+                u[..., 2] / 0.75
+            ) ** 2 < 1
+            hu[lung] = -850.0 + 0.5 * texture[lung]
+        spine = ((u[..., 0] / 0.1) ** 2 + ((u[..., 1] - 0.5) / 0.1) ** 2 < 1) & body
+        hu[spine] = 700.0
+        heart = ((u[..., 0] + 0.02) / 0.22) ** 2 + ((u[..., 1] + 0.2) / 0.2) ** 2 + (
+            (u[..., 2] + 0.3) / 0.3
+        ) ** 2 < 1
+        blood = 400.0 if contrast else 45.0
+        hu[heart] = blood
+        clot = np.zeros(pts.shape[:-1], dtype=bool)
+        for sx, r_clot, zc in ((-0.22, 9.0, 0.2), (0.22, 7.0, -0.15)):
+            vessel = ((u[..., 0] - sx) / 0.06) ** 2 + ((u[..., 1] + 0.1) / 0.06) ** 2 < 1
+            vessel &= np.abs(u[..., 2]) < 0.6
+            hu[vessel] = blood
+            c = np.array([sx, -0.1, zc]) * extent / 2.0
+            clot |= np.linalg.norm(pts - c, axis=-1) < r_clot
+        hu[clot] = 55.0 if contrast else 60.0
+        return hu, clot
+
+    th = np.deg2rad(rot_deg)
+    rot = np.array([[np.cos(th), -np.sin(th), 0], [np.sin(th), np.cos(th), 0], [0, 0, 1]])
+    disp = np.stack(
+        [warp_mm * np.sin(2 * np.pi * x[..., (i + 1) % 3] / extent[(i + 1) % 3] + i) for i in range(3)],
+        axis=-1,
+    )
+    phi = x @ rot.T + np.asarray(shift_mm) + disp
+    nct, nct_mask = anatomy(x, contrast=False)
+    ctpa, ctpa_mask = anatomy(phi, contrast=True)
+    affine = np.diag([spacing, spacing, spacing, 1.0])
+    affine[:3, 3] = -extent / 2.0 + spacing / 2.0
+    return {
+        "nct": nct.astype(np.float32),
+        "ctpa": ctpa.astype(np.float32),
+        "nct_mask": nct_mask.astype(np.uint8),
+        "ctpa_mask": ctpa_mask.astype(np.uint8),
+        "affine": affine,
+    }

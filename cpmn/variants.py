@@ -1,0 +1,129 @@
+"""A variant is a config entry, not a code path: it names its pathways, loss weights and backbone.
+
+``variants:`` in config/config.yaml holds one entry per table row, e.g.::
+
+    cpmn: {pathways: [ctpa, nct], lambda1: 0.25, lambda2: 10.0, lambda3: 0.1}
+    nct_cls: {pathways: [nct], seg_weight: 0.0}        # a Table 2 baseline: NCT classification only
+
+Keys: ``pathways`` ([ctpa], [nct] or [ctpa, nct]), ``lambda1``/``lambda2``/``lambda3`` (Eq. 5, default 0),
+``seg_weight`` (weight of L_seg, default 1) and ``backbone`` (default ``model.backbone``).
+:func:`build_variant` turns an entry into a model and its loss; :func:`load_for_inference` reads back the
+pathway that inference uses: Ω2 on NCT for dual variants, the single pathway and its phase otherwise.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from cpmn.losses import L_Total
+from cpmn.model import DualPathway, Pathway, PathwayOutput
+
+#: defaults of the ``model:`` section (config/config.yaml)
+MODEL_DEFAULTS: dict[str, Any] = {"backbone": "efficientnet-b0", "ifa_level": 2, "ifa_alpha": 2, "ifa_beta": 2}
+PHASES = ("ctpa", "nct")
+
+
+def variant_entry(name: str, cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """The normalised entry of variant ``name`` from the config's ``variants`` section (defaults filled)."""
+    variants = cfg.get("variants") or {}
+    if name not in variants:
+        raise KeyError(f"unknown variant {name!r}; config defines {sorted(variants)}")
+    raw = dict(variants[name])
+    model_cfg = {**MODEL_DEFAULTS, **(cfg.get("model") or {})}
+    pathways = list(raw.get("pathways") or [])
+    if not pathways or any(p not in PHASES for p in pathways) or len(set(pathways)) != len(pathways):
+        raise ValueError(f"variant {name}: pathways must be [ctpa], [nct] or [ctpa, nct], got {pathways}")
+    return {
+        "pathways": sorted(pathways, key=PHASES.index),
+        "lambda1": float(raw.get("lambda1", 0.0)),
+        "lambda2": float(raw.get("lambda2", 0.0)),
+        "lambda3": float(raw.get("lambda3", 0.0)),
+        "seg_weight": float(raw.get("seg_weight", 1.0)),
+        "backbone": str(raw.get("backbone", model_cfg["backbone"])),
+    }
+
+
+def inference_phase(entry: Mapping[str, Any]) -> str:
+    """The phase the variant is evaluated on: NCT whenever it has an NCT pathway, else CTPA."""
+    return "nct" if "nct" in entry["pathways"] else entry["pathways"][0]
+
+
+class VariantModel(nn.Module):
+    """The network of one variant: a single :class:`Pathway` or a :class:`DualPathway` (Ω1 CTPA, Ω2 NCT).
+
+    ``forward(batch)`` takes the batch dict (``ctpa`` and/or ``nct`` ``(B, 1, X, Y, Z)``) and returns
+    ``{phase: PathwayOutput}`` for the variant's phases.
+    """
+
+    def __init__(self, phases: list[str], backbone: str, ifa_level: int):
+        super().__init__()
+        self.phases = tuple(phases)
+        self.net: nn.Module = (
+            DualPathway(backbone, ifa_level) if len(self.phases) == 2 else Pathway(backbone, ifa_level)
+        )
+
+    def pathway(self, phase: str) -> Pathway:
+        """The :class:`Pathway` that sees ``phase``."""
+        if phase not in self.phases:
+            raise KeyError(f"this variant has no {phase} pathway (phases {self.phases})")
+        if isinstance(self.net, DualPathway):
+            return self.net.omega1 if phase == "ctpa" else self.net.omega2
+        return self.net
+
+    def forward(self, batch: Mapping[str, torch.Tensor]) -> dict[str, PathwayOutput]:
+        if isinstance(self.net, DualPathway):
+            out = self.net(batch["ctpa"], batch["nct"])
+            return {"ctpa": out.ctpa, "nct": out.nct}
+        return {self.phases[0]: self.net(batch[self.phases[0]])}
+
+
+def build_model(entry: Mapping[str, Any], model_cfg: Mapping[str, Any]) -> VariantModel:
+    """The :class:`VariantModel` of a normalised variant entry and the ``model:`` section."""
+    m = {**MODEL_DEFAULTS, **model_cfg}
+    return VariantModel(list(entry["pathways"]), entry["backbone"], int(m["ifa_level"]))
+
+
+def build_loss(entry: Mapping[str, Any], model_cfg: Mapping[str, Any]) -> L_Total:
+    """The Eq. 5 loss (:class:`~cpmn.losses.L_Total`) of a normalised variant entry."""
+    m = {**MODEL_DEFAULTS, **model_cfg}
+    return L_Total(
+        tuple(entry["pathways"]),
+        lambda1=entry["lambda1"],
+        lambda2=entry["lambda2"],
+        lambda3=entry["lambda3"],
+        seg_weight=entry["seg_weight"],
+        ifa_alpha=int(m["ifa_alpha"]),
+        ifa_beta=int(m["ifa_beta"]),
+    )
+
+
+def build_variant(name: str, cfg: Mapping[str, Any]) -> tuple[VariantModel, L_Total]:
+    """``(model, loss_fn)`` of variant ``name``; ``cfg`` holds the ``model`` and ``variants`` sections.
+
+    ``loss_fn(model(batch), batch["mask"], batch["label"]) -> (total, terms)``.
+    """
+    entry = variant_entry(name, cfg)
+    model_cfg = cfg.get("model") or {}
+    return build_model(entry, model_cfg), build_loss(entry, model_cfg)
+
+
+def load_checkpoint_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[VariantModel, dict]:
+    """Rebuild the whole :class:`VariantModel` from a ``model.pt``/``last.pt``; returns (model, checkpoint)."""
+    ckpt = torch.load(path, map_location=device, weights_only=False)
+    model = build_model(ckpt["variant"], ckpt["model_cfg"])
+    model.load_state_dict(ckpt["model"])
+    return model.to(device).eval(), ckpt
+
+
+def load_for_inference(path: str | Path, device: str | torch.device = "cpu") -> tuple[Pathway, str]:
+    """``(pathway, phase)`` from a trained ``model.pt``: Ω2 and ``"nct"`` for dual variants, else the single
+    pathway and its phase. The pathway is in eval mode on ``device``; ``pathway(x)`` with ``x``
+    ``(B, 1, X, Y, Z)`` returns a :class:`~cpmn.model.PathwayOutput`."""
+    model, ckpt = load_checkpoint_model(path, device)
+    phase = inference_phase(ckpt["variant"])
+    return model.pathway(phase), phase
