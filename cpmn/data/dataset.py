@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from monai.data import MetaTensor
 from monai.transforms import BorderPad, RandFlipd, RandRotate90d, SpatialCrop
 from torch.utils.data import Dataset, Sampler
 
@@ -33,6 +34,11 @@ from cpmn.errors import InputError
 
 #: samples per "epoch" of the index space; the trainer draws indices from a range, never iterates all
 INDEX_SPACE = 2**62
+
+
+def _plain(t: Any) -> torch.Tensor:
+    """A MONAI ``MetaTensor`` (or array) as a plain ``torch.Tensor`` (cheaper to collate)."""
+    return t.as_tensor() if isinstance(t, MetaTensor) else torch.as_tensor(t)
 
 
 def load_patient(pid: str, preprocessed_dir: str | Path) -> dict[str, np.ndarray]:
@@ -183,7 +189,7 @@ class PatchDataset(Dataset):
             border += [a - s, e - b]
         if any(border):
             out = BorderPad(spatial_border=border, mode="constant")(out)
-        return torch.as_tensor(out).contiguous()
+        return _plain(out).contiguous()
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         rng = np.random.default_rng([self.seed, int(index)])
@@ -197,7 +203,7 @@ class PatchDataset(Dataset):
             if t is not None:
                 t.set_random_state(seed=int(rng.integers(2**31)))
                 data = t(data)
-        img = torch.as_tensor(data["image"]).float()
+        img = _plain(data["image"]).float()
         mask = (img[2:3] > 0.5).float()
         return {
             "ctpa": img[0:1].contiguous(),

@@ -1,0 +1,80 @@
+"""The Snakemake workflow: the DAG builds, the config is validated, and (slow) the tiny study runs end to end."""
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+SNAKEMAKE = str(Path(sys.executable).with_name("snakemake"))
+
+
+def snakemake(*args, cwd=ROOT, timeout=600):
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    return subprocess.run(
+        [SNAKEMAKE, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
+    )
+
+
+def test_dry_run_builds_the_dag(tmp_path):
+    r = snakemake("-n", "--config", f"results={tmp_path}/results")
+    assert r.returncode == 0, r.stderr[-2000:]
+    out = r.stdout + r.stderr
+    for rule in ("synthesize_cohort", "screen_cohort", "split", "train", "infer", "evaluate"):
+        assert rule in out
+    # five Table 1 variants x train, and x two splits for inference
+    assert "train                5" in out.replace("\t", " ") or out.count("rule train:") == 5
+
+
+def test_typo_in_config_fails_with_schema_message(tmp_path):
+    cfg = yaml.safe_load((ROOT / "config/config.yaml").read_text())
+    cfg["train"]["epochs_"] = cfg["train"].pop("epochs")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(cfg))
+    r = snakemake("-n", "--configfile", str(bad))
+    assert r.returncode != 0
+    msg = r.stdout + r.stderr
+    assert "epochs_" in msg and ("Additional properties" in msg or "schema" in msg.lower())
+
+
+def test_wrong_type_in_config_fails(tmp_path):
+    r = snakemake("-n", "--config", "patches={size: [64, 64]}")
+    assert r.returncode != 0
+    assert "size" in (r.stdout + r.stderr)
+
+
+def test_lint_is_clean():
+    r = snakemake("--lint")
+    assert r.returncode == 0, r.stdout[-3000:]
+    assert "Congratulations" in r.stdout + r.stderr
+
+
+@pytest.mark.slow
+def test_tiny_study_end_to_end(tmp_path):
+    """The whole workflow on config/tiny.yaml: every final output exists and parses."""
+    results = tmp_path / "results"
+    r = snakemake(
+        "--cores", "2", "--configfile", "config/tiny.yaml", "--config", f"results={results}", timeout=1800
+    )
+    assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
+    sys.path.insert(0, str(ROOT / "tests/slurm"))
+    from check_outputs import check
+
+    assert check(results) == []
+    shutil.rmtree(results / "synthetic" / "dicom", ignore_errors=True)
+
+
+@pytest.mark.slow
+def test_slurm_profile_on_a_real_one_node_cluster(tmp_path):
+    if os.geteuid() != 0 or shutil.which("apt-get") is None:
+        pytest.skip("needs root and apt-get to install a one-node SLURM")
+    r = subprocess.run(
+        ["bash", str(ROOT / "tests/slurm/run_slurm_test.sh"), str(tmp_path)],
+        capture_output=True, text=True, timeout=2400,
+    )
+    assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
+    assert "PASS" in r.stdout
