@@ -140,7 +140,9 @@ class L_disc(nn.Module):
     map with nearest-neighbour interpolation. Class centres ``c_k`` (Eq. 4) are the centroids of the feature
     vectors of all voxels of class k in the current batch, recomputed every iteration. As in the centre-loss
     paper (Wen et al., ECCV 2016), the centres are per-iteration estimates, not differentiable paths: they
-    are detached, so the loss pulls each feature towards its class centre. Loss (Eq. 3):
+    are detached, so the loss pulls each feature towards its class centre (with exact batch centroids the
+    gradient through the centres would vanish anyway, as Σ_v (x_v - c) = 0 within a class; detaching makes
+    that explicit and keeps the graph small). Loss (Eq. 3):
     ``½ ‖x_v - c_{y_v}‖²`` averaged over all voxels v of the batch. A class absent from the batch has no
     centre and no voxel to pull.
     """

@@ -44,7 +44,20 @@ DEFAULTS: dict[str, Any] = {
 
 PHASES = ("nct", "ctpa")
 
-_DOC_SUFFIXES = {".txt", ".md", ".json", ".xml", ".html", ".htm", ".pdf", ".ini", ".csv", ".tsv", ".log", ".nii"}
+_DOC_SUFFIXES = {
+    ".txt",
+    ".md",
+    ".json",
+    ".xml",
+    ".html",
+    ".htm",
+    ".pdf",
+    ".ini",
+    ".csv",
+    ".tsv",
+    ".log",
+    ".nii",
+}
 _DOC_NAMES = {"readme", "license", "licence", "version", "lockfile", "thumbs.db", "desktop.ini", "notes"}
 _DIRECTORY_SOP = "1.2.840.10008.1.3.10"
 _SC_PREFIX = "1.2.840.10008.5.1.4.1.1.7"  # secondary capture image storage family
@@ -200,7 +213,14 @@ def _ignored_by_name(path: Path) -> str | None:
 
 def _expected_pixel_bytes(ds: pydicom.Dataset) -> int:
     frames = int(ds.get("NumberOfFrames", 1) or 1)
-    return int(ds.Rows) * int(ds.Columns) * int(ds.get("SamplesPerPixel", 1)) * int(ds.BitsAllocated) // 8 * frames
+    return (
+        int(ds.Rows)
+        * int(ds.Columns)
+        * int(ds.get("SamplesPerPixel", 1))
+        * int(ds.BitsAllocated)
+        // 8
+        * frames
+    )
 
 
 def _float_list(value: Any, n: int, what: str) -> np.ndarray:
@@ -233,7 +253,8 @@ def read_header(path: Path, patient: str | None) -> SliceHeader | str:
                     raise InputError(patient, path, "not a DICOM file") from None
             pixel_pos = fh.tell()
             tag = fh.read(4)
-        sop = str(ds.get("SOPClassUID", "") or ds.file_meta.get("MediaStorageSOPClassUID", "") if ds.file_meta else "")
+        meta = getattr(ds, "file_meta", None) or {}
+        sop = str(ds.get("SOPClassUID", "") or meta.get("MediaStorageSOPClassUID", "") or "")
         if sop == _DIRECTORY_SOP:
             return "DICOMDIR (media storage directory)"
         if "Rows" not in ds:
@@ -242,12 +263,14 @@ def read_header(path: Path, patient: str | None) -> SliceHeader | str:
             return "secondary capture (e.g. dose report), not an acquired image"
         if tag not in (b"\xe0\x7f\x10\x00", b"\x7f\xe0\x00\x10"):
             raise InputError(patient, path, "corrupt DICOM: image without pixel data")
-        ts = ds.file_meta.get("TransferSyntaxUID") if ds.file_meta else None
+        ts = meta.get("TransferSyntaxUID")
         remaining = os.path.getsize(path) - pixel_pos
         if ts is None or not pydicom.uid.UID(ts).is_compressed:
             need = _expected_pixel_bytes(ds)
             if remaining < need + 8:
-                raise InputError(patient, path, f"truncated pixel data ({max(0, remaining - 8)} of {need} bytes)")
+                raise InputError(
+                    patient, path, f"truncated pixel data ({max(0, remaining - 8)} of {need} bytes)"
+                )
         elif remaining <= 16:
             raise InputError(patient, path, "truncated pixel data (empty encapsulated frame)")
         modality = str(ds.get("Modality", "") or "").upper()
@@ -407,6 +430,12 @@ def blood_pool_hu(s: Series, n_slices: int = 7, patient: str | None = None) -> f
     return float(np.percentile(v, 90))
 
 
+def _seen(s: Series) -> str:
+    bp = s.info.get("blood_pool_hu")
+    extra = "" if bp is None else f", blood pool {bp} HU"
+    return f"{s.key} '{s.first.description}' {s.info.get('decision')}: {s.info.get('reason')}{extra}"
+
+
 def _preference(s: Series) -> tuple[float, int]:
     """Sort key among candidates of one phase: thinner slices first, then more slices."""
     return (round(s.thickness, 2), -s.n_slices)
@@ -417,6 +446,7 @@ def select_phases(
     params: dict[str, Any] | None,
     phases: Sequence[str],
     patient: str | None,
+    heuristic_all: bool = True,
 ) -> tuple[dict[str, Series], dict[str, str]]:
     """Pick one series per requested phase.
 
@@ -425,7 +455,8 @@ def select_phases(
     exactly one series takes it. Otherwise (no match, or several) the blood-pool heuristic classes the
     acceptable series (``> contrast_threshold_hu`` = ctpa, else nct) and the best candidate is taken:
     thinner slices, then more slices. Each series' ``info`` gets ``blood_pool_hu``, ``rule_match``,
-    ``heuristic``, ``decision`` and ``reason``.
+    ``heuristic``, ``decision`` and ``reason``. With ``heuristic_all=False`` (cheap screening) pixel data
+    is read only for series whose class the rules leave open.
 
     Returns:
         ({phase: series}, {phase: why it was chosen}).
@@ -444,11 +475,20 @@ def select_phases(
             s.info.update(decision="rejected", reason=why)
             continue
         s.info["rule_match"] = [ph for ph, rx in rules.items() if rx.search(s.first.description or "")]
-        bp = blood_pool_hu(s, int(p["heuristic_slices"]), patient)
-        s.info["blood_pool_hu"] = _r(bp, 1)
-        s.info["heuristic"] = None if not math.isfinite(bp) else ("ctpa" if bp > thr else "nct")
         s.info.update(decision="not used", reason="acceptable; another series was chosen")
         ok.append(s)
+
+    def heuristic(s: Series) -> str | None:
+        if s.info["blood_pool_hu"] is None and "_bp_done" not in s.info:
+            bp = blood_pool_hu(s, int(p["heuristic_slices"]), patient)
+            s.info["blood_pool_hu"] = _r(bp, 1)
+            s.info["heuristic"] = None if not math.isfinite(bp) else ("ctpa" if bp > thr else "nct")
+            s.info["_bp_done"] = True
+        return s.info["heuristic"]
+
+    if heuristic_all:
+        for s in ok:
+            heuristic(s)
 
     chosen: dict[str, Series] = {}
     why_chosen: dict[str, str] = {}
@@ -459,22 +499,21 @@ def select_phases(
             chosen[ph] = cands[0]
             why_chosen[ph] = f"only series whose description matches the {ph} rule"
             continue
-        taken_by_rule = {id(x) for other in PHASES if other != ph and len(by_rule[other]) == 1 for x in by_rule[other]}
+        other_rule = {id(x) for other in PHASES if other != ph for x in by_rule[other]}
         if len(cands) > 1:
-            agree = [s for s in cands if s.info["heuristic"] == ph]
+            agree = [s for s in cands if heuristic(s) == ph]
             pool = agree or cands
             basis = f"{len(cands)} series match the {ph} rule; " + (
                 f"{len(agree)} agree with the blood-pool heuristic; " if agree else "heuristic undecided; "
             )
         else:
-            pool = [s for s in ok if s.info["heuristic"] == ph and id(s) not in taken_by_rule]
-            basis = f"no single rule match for {ph}; blood-pool heuristic ({thr:g} HU) classes {len(pool)} series {ph}; "
-        if not pool:
-            seen = "; ".join(
-                f"{s.key} '{s.first.description}' {s.info.get('decision')}: {s.info.get('reason')}"
-                f"{'' if s.info.get('blood_pool_hu') is None else ', blood pool %s HU' % s.info['blood_pool_hu']}"
-                for s in series
+            pool = [s for s in ok if id(s) not in other_rule and heuristic(s) == ph]
+            basis = (
+                f"no single rule match for {ph}; blood-pool heuristic ({thr:g} HU) classes "
+                f"{len(pool)} series {ph}; "
             )
+        if not pool:
+            seen = "; ".join(_seen(s) for s in series)
             where = str(series[0].first.path.parent) if series else "-"
             raise InputError(patient, where, f"no series for phase {ph} (series seen: {seen})")
         pool.sort(key=_preference)
@@ -483,8 +522,8 @@ def select_phases(
             raise InputError(
                 patient,
                 a.first.path.parent,
-                f"ambiguous {ph} series: {a.key} '{a.first.description}' (series {a.first.series_number}) and "
-                f"{b.key} '{b.first.description}' (series {b.first.series_number}) have the same slice "
+                f"ambiguous {ph} series: {a.key} '{a.first.description}' (series {a.first.series_number})"
+                f" and {b.key} '{b.first.description}' (series {b.first.series_number}) have the same slice "
                 f"thickness {a.thickness:g} mm and {a.n_slices} slices",
             )
         chosen[ph] = pool[0]
@@ -496,4 +535,6 @@ def select_phases(
         raise InputError(patient, s.first.path, f"the same series {s.key} was picked for nct and ctpa")
     for ph, s in chosen.items():
         s.info.update(decision=ph, reason=why_chosen[ph])
+    for s in series:
+        s.info.pop("_bp_done", None)
     return chosen, why_chosen

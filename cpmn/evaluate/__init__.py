@@ -115,20 +115,43 @@ def evaluate_study(
     reader_res = None
     if readers is not None:
         if ref2 in evals:
-            reader_res = M.evaluate_readers(M.load_readers(readers), evals[ref2], c)
+            try:
+                reader_res = M.evaluate_readers(M.load_readers(readers), evals[ref2], c)
+            except InputError as err:
+                raise InputError(err.patient, readers, err.reason) from err
             warnings += reader_res.pop("warnings")
         else:
-            warnings.append(f"readers: reference variant {ref2!r} has no predictions; reader study not evaluated")
+            warnings.append(
+                f"readers: reference variant {ref2!r} has no predictions; reader study not evaluated"
+            )
 
     from cpmn.evaluate import figures, tables
 
     metrics = {v: e.metrics for v, e in evals.items()}
-    t1 = tables.build_table("Table 1: ablation on the test split", c["table1"], metrics, comparisons, ref1,
-                            mark_all=False, warnings=warnings)  # fmt: skip
-    t2 = tables.build_table("Table 2: comparison on the test split", c["table2"]["rows"], metrics, comparisons,
-                            ref2, mark_all=True, readers=reader_res, warnings=warnings)  # fmt: skip
-    thr_txt = {"youden": "Youden's J", "fixed": f"fixed {c['fixed_threshold']}",
-               "target_sensitivity": f"target sensitivity {c['target_sensitivity']}"}[c["threshold"]]  # fmt: skip
+    t1 = tables.build_table(
+        "Table 1: ablation on the test split",
+        c["table1"],
+        metrics,
+        comparisons,
+        ref1,
+        mark_all=False,
+        warnings=warnings,
+    )
+    t2 = tables.build_table(
+        "Table 2: comparison on the test split",
+        c["table2"]["rows"],
+        metrics,
+        comparisons,
+        ref2,
+        mark_all=True,
+        readers=reader_res,
+        warnings=warnings,
+    )
+    thr_txt = {
+        "youden": "Youden's J",
+        "fixed": f"fixed {c['fixed_threshold']}",
+        "target_sensitivity": f"target sensitivity {c['target_sensitivity']}",
+    }[c["threshold"]]
     common = (
         f"Sens/Spec at the validation threshold ({thr_txt}); 95% CIs: patient bootstrap "
         f"({c['bootstrap']} resamples, percentile) for Sens/Spec/Dice, DeLong for AUC. "
@@ -151,10 +174,13 @@ def evaluate_study(
         written += figures.fig2a_roc(methods, reader_res, out_figures)
         case_v = ref2 if ref2 in evals else methods[0][1].variant
         case_label = next((lab for lab, e in methods if e.variant == case_v), case_v)
-        case = figures.fig2b_case(evals[case_v], out_figures, str(c["fig2b_case"]),
-                                  tuple(c["fig2b_window"]), label=case_label)  # fmt: skip
+        case = figures.fig2b_case(
+            evals[case_v], out_figures, str(c["fig2b_case"]), tuple(c["fig2b_window"]), label=case_label
+        )
         if case is None:
-            warnings.append(f"fig2b_case: no test PE case of {case_v!r} with an image and a non-empty ref_mask")
+            warnings.append(
+                f"fig2b_case: no test PE case of {case_v!r} with an image and a non-empty ref_mask"
+            )
         else:
             written += [Path(p) for p in case["paths"]]
             case["variant"] = case_v
@@ -165,8 +191,12 @@ def evaluate_study(
             "readers": reader_res,
             "fig2b_case": case,
             "tables": {
-                "table1_ablation": [{"label": lab, "variant": v} for (lab, _), v in zip(t1.rows, t1.variants)],
-                "table2_comparison": [{"label": lab, "variant": v} for (lab, _), v in zip(t2.rows, t2.variants)],
+                "table1_ablation": [
+                    {"label": lab, "variant": v} for (lab, _), v in zip(t1.rows, t1.variants, strict=True)
+                ],
+                "table2_comparison": [
+                    {"label": lab, "variant": v} for (lab, _), v in zip(t2.rows, t2.variants, strict=True)
+                ],
             },
             "warnings": warnings,
         }

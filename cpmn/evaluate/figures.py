@@ -15,8 +15,14 @@ import numpy as np
 from cpmn.errors import InputError, atomic_path
 from cpmn.evaluate.metrics import VariantEval
 
-FONT = {"font.size": 8, "axes.titlesize": 9, "axes.labelsize": 8, "legend.fontsize": 7.5,
-        "xtick.labelsize": 7.5, "ytick.labelsize": 7.5}  # fmt: skip
+FONT = {
+    "font.size": 8,
+    "axes.titlesize": 9,
+    "axes.labelsize": 8,
+    "legend.fontsize": 7.5,
+    "xtick.labelsize": 7.5,
+    "ytick.labelsize": 7.5,
+}
 READER_MARKERS = ("s", "^", "D", "v", "P", "X", "<", ">")
 
 
@@ -58,11 +64,25 @@ def fig2a_roc(
             ax.plot([1 - spec], [sens], "o", ms=4.5, color=line.get_color(), mec="k", mew=0.5)
         if readers:
             for k, (name, r) in enumerate(sorted(readers["readers"].items())):
-                ax.plot(1 - r["specificity"]["value"], r["sensitivity"]["value"], READER_MARKERS[k % 8],
-                        ms=5, mfc="none", mec="k", mew=0.9, label=f"Reader {name}")  # fmt: skip
+                ax.plot(
+                    1 - r["specificity"]["value"],
+                    r["sensitivity"]["value"],
+                    READER_MARKERS[k % 8],
+                    ms=5,
+                    mfc="none",
+                    mec="k",
+                    mew=0.9,
+                    label=f"Reader {name}",
+                )
             m = readers["mean"]
-            ax.plot(1 - m["specificity"]["value"], m["sensitivity"]["value"], "*", ms=9, color="k",
-                    label="Radiologists (mean)")  # fmt: skip
+            ax.plot(
+                1 - m["specificity"]["value"],
+                m["sensitivity"]["value"],
+                "*",
+                ms=9,
+                color="k",
+                label="Radiologists (mean)",
+            )
         ax.set_xlim(-0.02, 1.02)
         ax.set_ylim(-0.02, 1.02)
         ax.set_aspect("equal")
@@ -93,7 +113,9 @@ def choose_case(ev: VariantEval, case: str = "auto") -> tuple[str, int] | None:
     if case != "auto":
         hits = np.flatnonzero(t.patient_id.astype(str) == case)
         if not len(hits):
-            raise InputError(case, t.path, "evaluate.fig2b_case is not a test patient of the reference variant")
+            raise InputError(
+                case, t.path, "evaluate.fig2b_case is not a test patient of the reference variant"
+            )
         return case, int(hits[0])
     if "ref_mask" not in t.paths or "image" not in t.paths:
         return None
@@ -147,23 +169,41 @@ def fig2b_case(
     xs, ys = np.arange(nx) * sx, np.arange(ny) * sy
     # zoom box: centred on the embolus, side >= 80 mm and >= 3x its extent on this slice
     ii, jj = np.nonzero(ref[:, :, z])
-    cx, cy = ii.mean() * sx, jj.mean() * sy
-    half = max(40.0, 1.5 * max((np.ptp(ii) + 1) * sx, (np.ptp(jj) + 1) * sy))
+    if len(ii):
+        cx, cy = ii.mean() * sx, jj.mean() * sy
+        half = max(40.0, 1.5 * max((np.ptp(ii) + 1) * sx, (np.ptp(jj) + 1) * sy))
+    else:  # a case given in the config may have an empty reference: zoom on the centre
+        cx, cy, half = 0.5 * (nx - 1) * sx, 0.5 * (ny - 1) * sy, 40.0
+    half = min(half, 0.5 * (extent[1] - extent[0]), 0.5 * (extent[3] - extent[2]))
+    cx = float(np.clip(cx, extent[0] + half, extent[1] - half))  # keep the box inside the image
+    cy = float(np.clip(cy, extent[2] + half, extent[3] - half))
     box = (cx - half, cx + half, cy - half, cy + half)
 
     plt = _plt()
     with plt.rc_context(FONT):
         fig, axes = plt.subplots(1, 3, figsize=(7.2, 2.75), constrained_layout=True)
-        titles = (f"NCT, slice z = {z} (reference: green)", "Predicted mask (red)", "CAM")
+        titles = (f"NCT, axial slice z = {z}", "Predicted mask (red), zoom", "CAM, zoom")
         for k, ax in enumerate(axes):
-            ax.imshow(sl.T, cmap="gray", vmin=lo, vmax=hi, origin="lower", extent=extent, interpolation="nearest")
+            ax.imshow(
+                sl.T, cmap="gray", vmin=lo, vmax=hi, origin="lower", extent=extent, interpolation="nearest"
+            )
             if k == 1 and pred is not None:
                 ov = np.ma.masked_where(~pred[:, :, z].T, np.ones_like(sl.T))
-                ax.imshow(ov, cmap="autumn", alpha=0.6, origin="lower", extent=extent, interpolation="nearest")
+                ax.imshow(
+                    ov, cmap="autumn", alpha=0.6, origin="lower", extent=extent, interpolation="nearest"
+                )
             if k == 2 and cam is not None:
                 c = cam[:, :, z].T
-                im = ax.imshow(c, cmap="jet", alpha=0.45, origin="lower", extent=extent, interpolation="bilinear",
-                               vmin=float(cam.min()), vmax=float(cam.max()) or 1.0)  # fmt: skip
+                im = ax.imshow(
+                    c,
+                    cmap="jet",
+                    alpha=0.45,
+                    origin="lower",
+                    extent=extent,
+                    interpolation="bilinear",
+                    vmin=float(cam.min()),
+                    vmax=float(cam.max()) or 1.0,
+                )
                 cb = fig.colorbar(im, ax=ax, fraction=0.046, pad=0.02)
                 cb.set_label("CAM (a.u.)")
             if (k == 1 and pred is None) or (k == 2 and cam is None):
@@ -171,17 +211,25 @@ def fig2b_case(
             if ref[:, :, z].any():
                 ax.contour(xs, ys, ref[:, :, z].T.astype(float), levels=[0.5], colors="lime", linewidths=1.0)
             if k == 0:
-                ax.add_patch(plt.Rectangle((box[0], box[2]), 2 * half, 2 * half, fill=False, ec="yellow", lw=0.8))
+                ax.add_patch(
+                    plt.Rectangle((box[0], box[2]), 2 * half, 2 * half, fill=False, ec="yellow", lw=0.8)
+                )
                 ax.set_xlim(extent[1], extent[0])
                 ax.set_ylim(extent[2], extent[3])
             else:
                 ax.set_xlim(box[1], box[0])  # radiological: patient right on the left
                 ax.set_ylim(box[2], box[3])
             ax.set_title(titles[k])
-            ax.set_xlabel("x (mm)  [R ← → L]")
-            ax.set_ylabel("y (mm)  [P → A]")
+            ax.set_xlabel("x (mm)")
+            ax.set_ylabel("y (mm)")
+            for txt, xy in (("R", (0.03, 0.5)), ("L", (0.97, 0.5)), ("A", (0.5, 0.96))):
+                ax.text(
+                    *xy, txt, transform=ax.transAxes, ha="center", va="center", color="yellow", fontsize=8
+                )
         d = ev.metrics["dice"]["per_patient"].get(pid)
-        sup = f"{label or ev.variant}: test patient {pid}, p = {float(t.prob[i]):.3f}"
+        sup = (
+            f"{label or ev.variant}: test patient {pid}, p = {float(t.prob[i]):.3f}, reference contour green"
+        )
         if d is not None and np.isfinite(d):
             sup += f", Dice = {100 * d:.1f} %"
         fig.suptitle(sup, fontsize=9)

@@ -97,13 +97,15 @@ def load_predictions(path: str | Path, split: str | None = None) -> Predictions:
         if pid in seen:
             raise InputError(pid, path, "duplicate patient_id")
         seen.add(pid)
-        if split is not None and row["split"].strip() != split:
+        if split is not None and (row["split"] or "").strip() != split:
             raise InputError(pid, path, f"split is {row['split']!r}, expected {split!r}")
         try:
             lab = float(row["label"])
             prob = float(row["prob"])
         except (TypeError, ValueError) as err:
-            raise InputError(pid, path, f"label/prob not numeric ({row['label']!r}, {row['prob']!r})") from err
+            raise InputError(
+                pid, path, f"label/prob not numeric ({row['label']!r}, {row['prob']!r})"
+            ) from err
         if lab not in (0.0, 1.0):
             raise InputError(pid, path, f"label must be 0 or 1, got {row['label']!r}")
         if not math.isfinite(prob):
@@ -133,7 +135,7 @@ def load_readers(path: str | Path) -> dict[str, dict[str, int]]:
         raise InputError(None, path, f"missing column(s) {', '.join(missing)}")
     out: dict[str, dict[str, int]] = {}
     for row in rows:
-        pid, reader, dec = row["patient_id"].strip(), row["reader"].strip(), row["decision"].strip()
+        pid, reader, dec = ((row[k] or "").strip() for k in ("patient_id", "reader", "decision"))
         if dec not in ("0", "1", "0.0", "1.0"):
             raise InputError(pid, path, f"reader {reader}: decision must be 0 or 1, got {dec!r}")
         if pid in out.setdefault(reader, {}):
@@ -305,7 +307,14 @@ def evaluate_variant(
 
 def _dice_metrics(test: Predictions, n_boot: int, seed: int) -> dict[str, Any]:
     if "mask" not in test.paths or "ref_mask" not in test.paths:
-        return {"mean": float("nan"), "sd": float("nan"), "n": 0, "n_both_empty": 0, "ci": None, "per_patient": {}}
+        return {
+            "mean": float("nan"),
+            "sd": float("nan"),
+            "n": 0,
+            "n_both_empty": 0,
+            "ci": None,
+            "per_patient": {},
+        }
     per: dict[str, float] = {}
     for i in np.flatnonzero(test.label == 1):
         pid = str(test.patient_id[i])
@@ -314,13 +323,21 @@ def _dice_metrics(test: Predictions, n_boot: int, seed: int) -> dict[str, Any]:
             continue
         pred, ref = load_mask(mp, pid), load_mask(rp, pid)
         if pred.shape != ref.shape:
-            raise InputError(pid, mp, f"mask shape {pred.shape} differs from ref_mask shape {ref.shape} ({rp})")
+            raise InputError(
+                pid, mp, f"mask shape {pred.shape} differs from ref_mask shape {ref.shape} ({rp})"
+            )
         per[pid] = dice(pred, ref)
     vals = np.array([v for v in per.values() if math.isfinite(v)])
     n_empty = sum(1 for v in per.values() if not math.isfinite(v))
     if len(vals) == 0:
-        return {"mean": float("nan"), "sd": float("nan"), "n": 0, "n_both_empty": n_empty, "ci": None,
-                "per_patient": per}  # fmt: skip
+        return {
+            "mean": float("nan"),
+            "sd": float("nan"),
+            "n": 0,
+            "n_both_empty": n_empty,
+            "ci": None,
+            "per_patient": per,
+        }
     b = stats.bootstrap_ci(lambda i: vals[i].mean(axis=1), len(vals), n_boot, seed)
     return {
         "mean": float(vals.mean()),
@@ -387,7 +404,9 @@ def evaluate_readers(
     if not common:
         raise InputError(None, None, "reader study: no test patient was read by every reader")
     if any(len(s) != len(common) for s in sets) or len(common) < len(test_ids):
-        warn.append(f"readers: {len(common)} of {len(test_ids)} test patients were read by every reader; using those")
+        warn.append(
+            f"readers: {len(common)} of {len(test_ids)} test patients were read by every reader; using those"
+        )
     idx = {pid: i for i, pid in enumerate(ref.patient_id.astype(str))}
     sel = np.array([idx[p] for p in common])
     y = ref.label[sel]
@@ -402,8 +421,9 @@ def evaluate_readers(
         sens, spec = sens_spec(y, dec)
         entry: dict[str, Any] = {"sensitivity": {"value": sens}, "specificity": {"value": spec}}
         for m, cls in (("sensitivity", y == 1), ("specificity", y == 0)):
-            b = stats.bootstrap_ci(lambda i, cls=cls, ok=ok: _masked_mean(ok, cls, i), len(y), n_boot,
-                                   seed + 10 + k, strata=y)  # fmt: skip
+            b = stats.bootstrap_ci(
+                lambda i, cls=cls, ok=ok: _masked_mean(ok, cls, i), len(y), n_boot, seed + 10 + k, strata=y
+            )
             entry[m].update(_ci_dict(b))
             t = stats.paired_permutation_test(model_ok[cls], ok[cls], n_perm, seed)
             entry[m]["vs_model"] = {"model": ref.variant, **t.to_dict()}
@@ -411,10 +431,15 @@ def evaluate_readers(
     frac = np.mean(correct_all, axis=0)  # (n,) fraction of readers correct per patient
     mean_entry: dict[str, Any] = {}
     for m, cls in (("sensitivity", y == 1), ("specificity", y == 0)):
-        b = stats.bootstrap_ci(lambda i, cls=cls: _masked_mean(frac, cls, i), len(y), n_boot, seed + 9, strata=y)
+        b = stats.bootstrap_ci(
+            lambda i, cls=cls: _masked_mean(frac, cls, i), len(y), n_boot, seed + 9, strata=y
+        )
         t = stats.paired_permutation_test(model_ok[cls], frac[cls], n_perm, seed)
-        mean_entry[m] = {"value": float(frac[cls].mean()), **_ci_dict(b), "vs_model": {"model": ref.variant,
-                         **t.to_dict()}}  # fmt: skip
+        mean_entry[m] = {
+            "value": float(frac[cls].mean()),
+            **_ci_dict(b),
+            "vs_model": {"model": ref.variant, **t.to_dict()},
+        }
     out["mean"] = mean_entry
     return out
 

@@ -170,12 +170,19 @@ def write_table(table: Table, out_dir: str | Path, stem: str) -> list[Path]:
     """Write ``stem.tsv``, ``stem.md`` and ``stem.tex`` into ``out_dir`` (each atomically)."""
     out_dir = Path(out_dir)
     paths = []
-    tsv = "\t".join(HEADER) + "\n" + "".join(
-        "\t".join([label] + [c.text() for c in cells]) + "\n" for label, cells in table.rows
+    tsv = (
+        "\t".join(HEADER)
+        + "\n"
+        + "".join("\t".join([label] + [c.text() for c in cells]) + "\n" for label, cells in table.rows)
     )
-    md_rows = ["| " + " | ".join(HEADER) + " |", "|" + "|".join([":---"] + ["---:"] * (len(HEADER) - 1)) + "|"]
-    md_rows += ["| " + " | ".join([label.replace("|", "\\|")] + [c.text() for c in cells]) + " |"
-                for label, cells in table.rows]  # fmt: skip
+    md_rows = [
+        "| " + " | ".join(HEADER) + " |",
+        "|" + "|".join([":---"] + ["---:"] * (len(HEADER) - 1)) + "|",
+    ]
+    md_rows += [
+        "| " + " | ".join([label.replace("|", "\\|")] + [c.text() for c in cells]) + " |"
+        for label, cells in table.rows
+    ]
     md = f"**{table.title}**\n\n" + "\n".join(md_rows) + "\n"
     if table.notes:
         md += "\n" + "\n".join(table.notes) + "\n"

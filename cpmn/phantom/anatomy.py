@@ -138,9 +138,10 @@ def capsules_sdf(x, y, z, segs: list[Segment]) -> np.ndarray:
 
 
 def body_sdf(an: Anatomy, x, y, z) -> np.ndarray:
-    """Skin surface; the chest widens slightly towards the abdomen."""
+    """Skin surface, flattened where the back lies on the table; the chest widens towards the abdomen."""
     zf = np.clip(z / an.hz, -1.5, 1.5)
-    return ellipse_sdf(x - an.cx, y - an.cy, an.a * (1 - 0.04 * zf), an.b * (1 - 0.02 * zf))
+    e = ellipse_sdf(x - an.cx, y - an.cy, an.a * (1 - 0.04 * zf), an.b * (1 - 0.02 * zf))
+    return np.maximum(e, (an.cy - 0.9 * an.b) - y)
 
 
 def cavity_sdf(an: Anatomy, x, y, z) -> np.ndarray:
@@ -158,7 +159,7 @@ def diaphragm_z(an: Anatomy, x, y) -> np.ndarray:
     right = u > 0  # RAS: +x is the patient's right
     dome = np.where(right, an.z_dome_r, an.z_dome_l)
     lat = np.where(right, u - 0.45, u + 0.45)
-    return dome - 0.55 * an.hz * lat**2 - 0.25 * an.hz * np.clip(-v, 0, None) ** 2
+    return dome - 1.4 * an.hz * lat**2 - 0.35 * an.hz * np.clip(-v, 0, None) ** 2
 
 
 def spine_block_sdf(an: Anatomy, x, y, z) -> np.ndarray:
@@ -189,23 +190,38 @@ def chamber_sdf(an: Anatomy, name: str, x, y, z) -> np.ndarray:
     return np.sqrt((x - c[0]) ** 2 + (y - c[1]) ** 2 + (z - c[2]) ** 2) - r
 
 
-def mediastinum_sdf(an: Anatomy, x, y, z) -> np.ndarray:
-    """Everything between the lungs (heart, great vessels, airway, central band), dilated by a pleural margin."""
+def mediastinal_capsules(an: Anatomy) -> list[tuple[list[Segment], float]]:
+    """Capsule groups bounding the lungs medially and their pleural margins (mm)."""
     s = an.s
-    band = np.abs(x - (an.cx - 4 * s)) - 18 * s
+    return [(an.aorta + an.svc + an.esophagus, 4 * s), (an.arteries[:4], 3 * s), (an.airway[:1], 3 * s)]
+
+
+def mediastinum_sdf(an: Anatomy, x, y, z, caps: np.ndarray | None = None, heart=None) -> np.ndarray:
+    """Everything between the lungs (heart, great vessels, airway, central band), dilated by a pleural margin.
+
+    ``caps``: the union of :func:`mediastinal_capsules` (already dilated), precomputed on a grid;
+    ``heart``: :func:`heart_sdf` precomputed on the same points.
+    """
+    s = an.s
+    # a central band, narrowing anteriorly (anterior junction line)
+    yn = np.clip((y - an.yv) / (an.cy + an.bc - an.yv), 0, 1)
+    band = np.abs(x - (an.cx - 4 * s)) - s * (16 - 10 * yn)
     band = np.maximum(band, an.yv - y)  # anterior to the spine only
-    med = np.minimum(band, heart_sdf(an, x, y, z) - 4 * s)
-    med = np.minimum(med, capsules_sdf(x, y, z, an.aorta + an.svc + an.esophagus) - 4 * s)
-    med = np.minimum(med, capsules_sdf(x, y, z, an.arteries[:3]) - 3 * s)
-    med = np.minimum(med, capsules_sdf(x, y, z, an.airway[:1]) - 3 * s)
+    hs = heart_sdf(an, x, y, z) if heart is None else heart
+    med = np.minimum(band, hs - 4 * s)
+    if caps is None:
+        for segs, margin in mediastinal_capsules(an):
+            med = np.minimum(med, capsules_sdf(x, y, z, segs) - margin)
+    else:
+        med = np.minimum(med, caps)
     return med
 
 
-def lung_sdf(an: Anatomy, x, y, z) -> np.ndarray:
+def lung_sdf(an: Anatomy, x, y, z, caps: np.ndarray | None = None, heart=None) -> np.ndarray:
     """Both lungs: inside the cavity, above the diaphragm, outside mediastinum and spine (approximate mm)."""
     d = cavity_sdf(an, x, y, z)
     d = np.maximum(d, diaphragm_z(an, x, y) - z)
-    d = np.maximum(d, -mediastinum_sdf(an, x, y, z))
+    d = np.maximum(d, -mediastinum_sdf(an, x, y, z, caps, heart))
     d = np.maximum(d, -spine_block_sdf(an, x, y, z))
     return d
 
@@ -271,7 +287,7 @@ def sample_anatomy(
         rv_y=u(14, 17) * s,
         rib_spacing=u(24, 30) * s,
         rib_phase=u(0, 30) * s,
-        rib_drop=u(35, 55) * s,
+        rib_drop=u(80, 110) * s,
         vert_height=u(25, 29) * s,
         vert_phase=u(0, 27) * s,
         z_dome_r=hz * u(-0.45, -0.25),
@@ -296,7 +312,7 @@ def sample_anatomy(
     hc = an.heart_c
     an.chambers = {
         "RV": (hc + np.array([u(6, 14), u(16, 22), u(-4, 4)]) * s, u(24, 30) * s),
-        "LV": (hc + np.array([-u(14, 20), -u(6, 12), -u(6, 0)]) * s, u(22, 27) * s),
+        "LV": (hc + np.array([-u(14, 20), -u(6, 12), u(-6, 0)]) * s, u(22, 27) * s),
         "RA": (hc + np.array([u(40, 48), u(-4, 4), u(10, 18)]) * s, u(20, 25) * s),
         "LA": (np.array([cx - u(0, 8) * s, yf + u(24, 30) * s, hc[2] + u(35, 45) * s]), u(18, 23) * s),
     }
@@ -356,6 +372,7 @@ def sample_anatomy(
         terr = pts[side == sd][:territory_points]
         if len(terr) < 8:
             continue
+        hilum, parent = _enter_lung(an, an.arteries, hilum, terr, r0, parent, sd, 1)
         _grow(an, an.arteries, rng, hilum, terr, r0, 2, parent, sd, generations, murray_exponent)
     # pulmonary veins: from the left atrium, same construction (unlabelled, enhanced less in CTPA)
     la_c, la_r = an.chambers["LA"]
@@ -364,13 +381,29 @@ def sample_anatomy(
         if len(terr) < 8:
             continue
         vh = la_c + np.array([sgn * (la_r + u(12, 20) * s), -u(0, 6) * s, -u(6, 14) * s])
-        an.veins.append(Segment(la_c, vh, u(6.5, 8) * s, 1, sd))
-        _grow(an, an.veins, rng, vh, terr, u(6.5, 8) * s, 2, len(an.veins) - 1, sd, generations, murray_exponent)
+        rv0 = u(6.5, 8) * s
+        an.veins.append(Segment(la_c, vh, rv0, 1, sd))
+        vh, vp = _enter_lung(an, an.veins, vh, terr, rv0, len(an.veins) - 1, sd, 1)
+        _grow(an, an.veins, rng, vh, terr, rv0, 2, vp, sd, generations, murray_exponent)
     return an
 
 
 def _inside_lung(an: Anatomy, p: np.ndarray) -> np.ndarray:
     return lung_sdf(an, p[..., 0], p[..., 1], p[..., 2]) < 0
+
+
+def _enter_lung(an, segs, start, terr, r, parent, side, gen):
+    """Extend a hilar vessel from ``start`` towards its territory until it is 4 mm inside the lung."""
+    c = terr.mean(axis=0)
+    ts = np.linspace(0, 1, 41)
+    line = start[None, :] + ts[:, None] * (c - start)[None, :]
+    d = lung_sdf(an, line[:, 0], line[:, 1], line[:, 2])
+    inside = np.flatnonzero(d < -4 * an.s)
+    if len(inside) == 0 or inside[0] == 0:
+        return start, parent
+    end = line[inside[0]]
+    segs.append(Segment(start.copy(), end, float(r), gen, side, parent))
+    return end, len(segs) - 1
 
 
 def _grow(an, segs, rng, start, terr, r, gen, parent, side, max_gen, g):
@@ -389,16 +422,20 @@ def _grow(an, segs, rng, start, terr, r, gen, parent, side, max_gen, g):
         rc = r * (len(half) / n) ** (1.0 / g)
         hc = half.mean(axis=0)
         last = gen >= max_gen or len(half) < 6
-        frac = 1.0 if last else rng.uniform(0.35, 0.6)
-        end = start + frac * (hc - start)
+        if last:  # terminal branches run on towards the far edge of their territory (the pleura)
+            far = half[np.argmax(((half - start) ** 2).sum(1))]
+            end = start + 0.5 * (hc - start) + 0.5 * (far - start)
+        else:
+            end = start + rng.uniform(0.35, 0.6) * (hc - start)
         # clip the branch to the lung: walk along it and stop at the first outside sample
         ts = np.linspace(0.15, 1.0, 8)
         samples = start[None, :] + ts[:, None] * (end - start)[None, :]
         ok = _inside_lung(an, samples)
-        if not ok.all():
-            k = int(np.argmin(ok))
-            if k == 0:
-                continue
+        if not ok.any():
+            continue
+        first = int(np.argmax(ok))
+        if not ok[first:].all():  # leaves the lung again: stop at the last inside sample
+            k = first + int(np.argmin(ok[first:]))
             end = samples[k - 1]
         if np.linalg.norm(end - start) < 1.0:
             continue

@@ -1,0 +1,270 @@
+"""Screen a cohort sheet before conversion: cheap checks that keep bad patients out of the workflow.
+
+``cpmn screen --sheet COHORT.tsv --included results/cohort.included.tsv --excluded results/qc/excluded.tsv
+[--phases nct,ctpa] [--config F] [--params J]``
+
+Per row, in order (the first failure excludes the row; the rest of the cohort goes on):
+
+1. ``sheet``: the row validates against ``workflow/schemas/cohort.schema.yaml``; a patient_id that occurs in
+   several rows excludes all of them.
+2. ``dicom``: every file in the row's DICOM folders is a readable CT DICOM image (headers only, see
+   :mod:`cpmn.data.dicomio`); non-image DICOM objects and documentation files are ignored.
+3. ``phase``: each requested phase has exactly one best series (rules first, the blood-pool heuristic on a
+   few slices only when the rules do not decide).
+4. ``mask``: the mask loads, sits on the CTPA series grid (same shape and world corners within half a voxel,
+   allowing axis flips/permutations), and is not empty for a PE patient (label 1).
+
+Outputs: ``included`` (the sheet's columns, paths made absolute) and ``excluded`` (patient_id, stage, file,
+reason). Each exclusion prints one line ``EXCLUDED patient P: <file>: <reason>`` to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import yaml
+
+from cpmn.config import add_config_arguments, resolve
+from cpmn.data.convert import parse_phases
+from cpmn.data.dicomio import PHASES, Series, scan_series, select_phases
+from cpmn.errors import InputError, atomic_path, report
+
+SCHEMA_PATH = Path(__file__).resolve().parents[2] / "workflow" / "schemas" / "cohort.schema.yaml"
+COLUMNS = ["patient_id", "label", "study_date", "nct_dicom", "ctpa_dicom", "ctpa_mask"]
+PATH_COLUMNS = ["nct_dicom", "ctpa_dicom", "ctpa_mask"]
+EXCLUDED_COLUMNS = ["patient_id", "stage", "file", "reason"]
+
+
+def load_schema(path: str | os.PathLike = SCHEMA_PATH) -> dict[str, Any]:
+    with open(path) as fh:
+        return yaml.safe_load(fh)
+
+
+def read_sheet(path: str | os.PathLike) -> pd.DataFrame:
+    """The cohort sheet as text cells (no NA conversion, surrounding blanks stripped)."""
+    df = pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False)
+    df.columns = [c.strip() for c in df.columns]
+    return df.apply(lambda col: col.str.strip())
+
+
+def _row_errors(schema: dict[str, Any]) -> jsonschema.protocols.Validator:
+    cls = jsonschema.validators.validator_for(schema)
+    return cls(schema, format_checker=cls.FORMAT_CHECKER)
+
+
+def validate_sheet(df: pd.DataFrame, schema: dict[str, Any] | None = None) -> list[str]:
+    """Validate every row of a cohort sheet against the cohort schema.
+
+    Args:
+        df: the sheet as read by :func:`read_sheet` (text cells).
+        schema: the row schema (default ``workflow/schemas/cohort.schema.yaml``).
+
+    Returns:
+        One message per problem, ``row N (patient P): column C: <what is wrong>``; rows are numbered from 1
+        (the first data line under the header). Missing columns give ``column C: missing``.
+    """
+    schema = schema or load_schema()
+    missing = [c for c in COLUMNS if c not in df.columns]
+    if missing:
+        return [f"column {c}: missing from the sheet" for c in missing]
+    validator = _row_errors(schema)
+    errors: list[str] = []
+    for i, row in enumerate(df.to_dict(orient="records"), start=1):
+        pid = row.get("patient_id") or "?"
+        for err in sorted(validator.iter_errors(row), key=lambda e: list(e.path)):
+            col = (
+                err.path[0] if err.path else (err.validator_value[0] if err.validator == "required" else "-")
+            )
+            errors.append(f"row {i} (patient {pid}): column {col}: {err.message}")
+    return errors
+
+
+def _canonical_grid(affine: np.ndarray, shape: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+    """(affine, shape) of the same grid reoriented to the closest RAS+ axis order."""
+    ornt = nib.orientations.io_orientation(affine)
+    shape = np.asarray(shape[:3], int)
+    aff = affine @ nib.orientations.inv_ornt_aff(ornt, shape)
+    return aff, shape[ornt[:, 0].astype(int)]
+
+
+def grid_mismatch(
+    mask_affine: np.ndarray, mask_shape: Sequence[int], ref_affine: np.ndarray, ref_shape: Sequence[int]
+) -> str | None:
+    """Why the mask grid is not the reference grid (``None`` = same grid up to axis flips/permutation).
+
+    Both grids are reoriented to RAS+; then the shapes must be equal and the first and last voxel centres
+    must agree within half a voxel of the reference grid along every axis.
+    """
+    ma, ms = _canonical_grid(np.asarray(mask_affine, float), mask_shape)
+    ra, rs = _canonical_grid(np.asarray(ref_affine, float), ref_shape)
+    if tuple(ms) != tuple(rs):
+        return f"mask shape {tuple(int(v) for v in ms)} != CTPA grid {tuple(int(v) for v in rs)} (RAS order)"
+    inv = np.linalg.inv(ra[:3, :3])
+    worst = 0.0
+    for corner in (np.zeros(3), ms - 1.0):
+        d = (ma[:3, :3] @ corner + ma[:3, 3]) - (ra[:3, :3] @ corner + ra[:3, 3])
+        worst = max(worst, float(np.max(np.abs(inv @ d))))
+    if worst > 0.5:
+        return f"mask grid is off the CTPA series grid by {worst:.2f} voxel (world corners differ)"
+    return None
+
+
+def _check_mask(pid: str, label: str, mask_path: Path, ctpa: Series) -> None:
+    try:
+        img = nib.load(mask_path)
+        shape = img.shape
+    except FileNotFoundError as err:
+        raise InputError(pid, mask_path, "mask file does not exist") from err
+    except Exception as err:
+        raise InputError(pid, mask_path, f"mask is not a readable NIfTI ({type(err).__name__})") from err
+    if len(shape) != 3:
+        raise InputError(pid, mask_path, f"mask must be 3-D, got shape {shape}")
+    why = grid_mismatch(img.affine, shape, ctpa.ras_affine(), ctpa.shape)
+    if why:
+        raise InputError(
+            pid, mask_path, f"inconsistent geometry: {why} (series {ctpa.key} '{ctpa.first.description}')"
+        )
+    if label == "1" and not np.any(np.asarray(img.dataobj) > 0):
+        raise InputError(pid, mask_path, "empty mask on a PE patient (label 1)")
+
+
+def _resolve(base: Path, value: str) -> str:
+    if not value:
+        return ""
+    p = Path(value)
+    return str((p if p.is_absolute() else base / p).resolve())
+
+
+def screen_row(
+    row: dict[str, str], params: dict[str, Any] | None, phases: Sequence[str] = PHASES
+) -> tuple[str, InputError] | None:
+    """Screen one validated row whose paths are already absolute: ``None`` or ``(stage, error)``."""
+    pid = row["patient_id"]
+    dirs = list(dict.fromkeys([row["nct_dicom"], row["ctpa_dicom"]]))
+    try:
+        series, _ = scan_series(dirs, pid)
+    except InputError as err:
+        return "dicom", err
+    try:
+        chosen, _ = select_phases(series, params, phases, pid, heuristic_all=False)
+    except InputError as err:
+        return "phase", err
+    if "ctpa" in chosen and row.get("ctpa_mask"):
+        try:
+            _check_mask(pid, row["label"], Path(row["ctpa_mask"]), chosen["ctpa"])
+        except InputError as err:
+            return "mask", err
+    return None
+
+
+def screen_cohort(
+    sheet_path: str | os.PathLike,
+    out_included: str | os.PathLike,
+    out_excluded: str | os.PathLike,
+    params: dict[str, Any] | None = None,
+    phases: Sequence[str] = PHASES,
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Check every cohort-sheet row before conversion; write the included and excluded tables.
+
+    Args:
+        sheet_path: cohort TSV (columns :data:`COLUMNS`, paths relative to the sheet).
+        out_included: TSV of the rows that passed, same columns, paths absolute.
+        out_excluded: TSV ``patient_id, stage, file, reason`` (stage: sheet, dicom, phase, mask).
+        params: the ``convert`` config section (series rules, thresholds).
+        phases: phases every patient must have.
+
+    Returns:
+        (included, excluded) data frames as written.
+
+    Raises:
+        InputError: the sheet itself cannot be read or lacks a required column.
+    """
+    sheet_path = Path(sheet_path)
+    try:
+        df = read_sheet(sheet_path)
+    except Exception as err:
+        raise InputError(None, sheet_path, f"cannot read the cohort sheet: {err}") from err
+    missing = [c for c in COLUMNS if c not in df.columns]
+    if missing:
+        raise InputError(None, sheet_path, f"cohort sheet lacks column(s) {', '.join(missing)}")
+    base = sheet_path.resolve().parent
+    excluded: list[dict[str, str]] = []
+
+    def exclude(pid: str, stage: str, file: str, reason: str) -> None:
+        excluded.append({"patient_id": pid, "stage": stage, "file": file, "reason": reason})
+        print(f"EXCLUDED patient {pid or '?'}: {file}: {reason}", file=sys.stderr)
+
+    schema = load_schema()
+    validator = _row_errors(schema)
+    bad_rows: set[int] = set()
+    for i, row in enumerate(df.to_dict(orient="records")):
+        errs = sorted(validator.iter_errors(row), key=lambda e: list(e.path))
+        if errs:
+            e = errs[0]
+            col = e.path[0] if e.path else "-"
+            exclude(row["patient_id"], "sheet", str(sheet_path), f"row {i + 1}: column {col}: {e.message}")
+            bad_rows.add(i)
+    counts = df["patient_id"].value_counts()
+    for pid in counts[counts > 1].index:
+        rows = [i + 1 for i in np.flatnonzero(df["patient_id"].to_numpy() == pid)]
+        for r in rows:
+            if r - 1 not in bad_rows:
+                exclude(
+                    pid, "sheet", str(sheet_path), f"duplicate patient_id (rows {', '.join(map(str, rows))})"
+                )
+                bad_rows.add(r - 1)
+
+    keep: list[int] = []
+    for i, row in enumerate(df.to_dict(orient="records")):
+        if i in bad_rows:
+            continue
+        row = {k: (_resolve(base, v) if k in PATH_COLUMNS else v) for k, v in row.items()}
+        res = screen_row(row, params, phases)
+        if res is None:
+            df.loc[df.index[i], PATH_COLUMNS] = [row[c] for c in PATH_COLUMNS]
+            keep.append(i)
+        else:
+            stage, err = res
+            exclude(err.patient, stage, err.path, err.reason)
+
+    included = df.iloc[keep].reset_index(drop=True)
+    excl = pd.DataFrame(excluded, columns=EXCLUDED_COLUMNS)
+    with atomic_path(out_included) as tmp:
+        included.to_csv(tmp, sep="\t", index=False)
+    with atomic_path(out_excluded) as tmp:
+        excl.to_csv(tmp, sep="\t", index=False)
+    return included, excl
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--sheet", required=True, help="cohort sheet TSV (paths relative to it)")
+    parser.add_argument(
+        "--included", required=True, help="output: rows that passed (results/cohort.included.tsv)"
+    )
+    parser.add_argument("--excluded", required=True, help="output: exclusions (results/qc/excluded.tsv)")
+    parser.add_argument(
+        "--phases", type=parse_phases, default=PHASES, help="phases required (default nct,ctpa)"
+    )
+    add_config_arguments(parser)
+
+
+def run(args: argparse.Namespace) -> int:
+    params = resolve(args, "convert")
+    try:
+        inc, exc = screen_cohort(args.sheet, args.included, args.excluded, params, phases=args.phases)
+    except InputError as err:
+        return report(err)
+    print(f"screen: {len(inc)} included, {exc['patient_id'].nunique()} patients excluded", file=sys.stderr)
+    return 0

@@ -1,0 +1,345 @@
+"""Train one variant (single or dual pathway) on balanced patches, with per-epoch checkpoints and exact resume.
+
+``cpmn train --variant V --splits S --preprocessed-dir D --patches-dir D --out-dir results/models/V
+[--config FILE] [--params JSON] [--max-steps N] [--threads N]``; ``--params`` carries
+``{model, train, patches, variants}``. The work is done by :func:`train_variant`.
+
+Optimiser Adam (``train.lr`` = 1e-3), cosine annealing per step to ``train.lr_min`` = 1e-5 over
+``epochs × steps_per_epoch`` steps, batch ``train.batch_size``. On CUDA with ``train.amp`` the forward pass
+runs under ``torch.autocast`` in bf16 where the GPU supports it (the losses are computed in float32); the
+CPU path runs in float32 with ``torch.use_deterministic_algorithms``, so a fixed seed gives identical
+weights. After every epoch: validation (patient-level AUC on the ``val`` split, a patient's score being the
+classifier on the centre patch of its volume: :func:`centre_patch_score`), a row of ``train_log.tsv``,
+``last.pt`` (model, optimiser, scheduler, python/numpy/torch RNG states and the sampler position) and, when
+the validation AUC improves, ``model.pt``. A run started again over an existing ``last.pt`` of the same
+settings resumes from it and ends with the same weights as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import json
+import math
+import os
+import random
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from monai.transforms import ResizeWithPadOrCrop
+from sklearn.metrics import roc_auc_score
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from cpmn.config import add_config_arguments, resolve
+from cpmn.data.dataset import IndexRange, PatchDataset, load_patient
+from cpmn.errors import InputError, atomic_path, report
+from cpmn.losses import TERMS
+from cpmn.variants import MODEL_DEFAULTS, build_loss, build_model, inference_phase, variant_entry
+
+#: defaults of the ``train:`` section (config/config.yaml)
+TRAIN_DEFAULTS: dict[str, Any] = {
+    "epochs": 4,
+    "steps_per_epoch": 12,
+    "batch_size": 2,
+    "lr": 1.0e-3,
+    "lr_min": 1.0e-5,
+    "aug_prob": 0.1,
+    "seed": 0,
+    "num_workers": 0,
+    "device": "auto",
+    "amp": True,
+    "jitter": 4,
+    "pos_fraction": 0.5,
+}
+PATCH_DEFAULTS: dict[str, Any] = {"size": [64, 64, 32]}
+LOG_COLUMNS = ("epoch", *TERMS, "lr", "val_auc", "seconds")
+
+
+def read_splits(path: str | Path) -> dict[str, list[str]]:
+    """``{split: [patient_id, ...]}`` from the splits TSV (``patient_id``, ``split``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(None, path, "splits file not found")
+    out: dict[str, list[str]] = {"train": [], "val": [], "test": []}
+    with open(path, newline="") as fh:
+        reader = csv.DictReader(fh, delimiter="\t")
+        if not reader.fieldnames or not {"patient_id", "split"} <= set(reader.fieldnames):
+            raise InputError(None, path, "splits TSV needs columns patient_id and split")
+        for row in reader:
+            out.setdefault(row["split"], []).append(row["patient_id"])
+    return out
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """``auto`` -> CUDA when available, else CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("train.device is cuda but CUDA is not available")
+    return torch.device(name)
+
+
+def autocast_dtype(device: torch.device, amp: bool) -> torch.dtype | None:
+    """bf16 on CUDA with AMP where supported, else None (float32)."""
+    if amp and device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return None
+
+
+@torch.no_grad()
+def centre_patch_score(
+    pathway: torch.nn.Module,
+    volume: np.ndarray | torch.Tensor,
+    patch_size: Sequence[int],
+    device: str | torch.device = "cpu",
+) -> float:
+    """The patient score: sigmoid of the classifier on the centre patch of ``volume``.
+
+    ``volume`` ``(X, Y, Z)`` (one phase of the preprocessed npz). The centre window of size ``patch_size``
+    is taken with MONAI ``ResizeWithPadOrCrop`` (centred crop, zero ``SpatialPad`` where the volume is
+    smaller). The pathway is run in eval mode; its previous mode is restored.
+    """
+    x = torch.as_tensor(np.asarray(volume, dtype=np.float32))[None]  # (1, X, Y, Z)
+    x = ResizeWithPadOrCrop(spatial_size=tuple(int(s) for s in patch_size), mode="constant")(x)
+    x = torch.as_tensor(x).as_subclass(torch.Tensor)[None].to(device)  # (1, 1, *P)
+    was_training = pathway.training
+    pathway.eval()
+    try:
+        logit = pathway(x).cls.float()
+    finally:
+        pathway.train(was_training)
+    return float(torch.sigmoid(logit)[0])
+
+
+def patient_auc(labels: Sequence[int], scores: Sequence[float]) -> float:
+    """ROC AUC (scikit-learn) of patient scores; NaN when only one class is present."""
+    if len(set(int(v) for v in labels)) < 2:
+        return float("nan")
+    return float(roc_auc_score(labels, scores))
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: Mapping[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _write_log(path: Path, rows: list[dict[str, Any]]) -> None:
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=LOG_COLUMNS, delimiter="\t", lineterminator="\n")
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()})
+
+
+def _save(obj: Mapping[str, Any], path: Path) -> None:
+    with atomic_path(path) as tmp:
+        torch.save(dict(obj), tmp)
+
+
+def train_variant(
+    variant: str,
+    splits: str | Path,
+    preprocessed_dir: str | Path,
+    patches_dir: str | Path,
+    out_dir: str | Path,
+    cfg: Mapping[str, Any] | None = None,
+    max_steps: int | None = None,
+    resume: bool = True,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Train ``variant`` and write ``model.pt``, ``last.pt`` and ``train_log.tsv`` into ``out_dir``.
+
+    ``cfg`` holds the ``model``, ``train``, ``patches`` and ``variants`` sections (defaults as in
+    config/config.yaml for missing keys). ``max_steps`` stops the run before optimiser step
+    ``max_steps + 1`` without writing anything more, as a kill would (the last epoch checkpoint stays);
+    running again with ``resume=True`` continues from ``last.pt``. Returns a summary dict (``status``
+    ``"done"`` or ``"stopped"``, ``step``, ``best_val_auc``, ``rows``).
+    """
+    cfg = dict(cfg or {})
+    entry = variant_entry(variant, cfg)
+    model_cfg = {**MODEL_DEFAULTS, **(cfg.get("model") or {})}
+    tcfg = {**TRAIN_DEFAULTS, **(cfg.get("train") or {})}
+    pcfg = {**PATCH_DEFAULTS, **(cfg.get("patches") or {})}
+    patch_size = [int(s) for s in pcfg["size"]]
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    epochs, spe, bs = int(tcfg["epochs"]), int(tcfg["steps_per_epoch"]), int(tcfg["batch_size"])
+    total_steps = epochs * spe
+    fingerprint = json.dumps(
+        {"variant": entry, "model": model_cfg, "train": {**tcfg, "device": None}, "patches": pcfg},
+        sort_keys=True,
+        default=str,
+    )
+
+    parts = read_splits(splits)
+    train_ids, val_ids = parts.get("train", []), parts.get("val", [])
+    if not train_ids:
+        raise InputError(None, splits, "no patients in the train split")
+    phase = inference_phase(entry)
+    val_data = []
+    for pid in val_ids:
+        vol = load_patient(pid, preprocessed_dir)
+        if int(vol["label"]) not in (0, 1):
+            raise InputError(pid, Path(preprocessed_dir) / f"{pid}.npz", "label must be 0 or 1")
+        val_data.append((pid, vol[phase], int(vol["label"])))
+    dataset = PatchDataset(
+        train_ids,
+        preprocessed_dir,
+        patches_dir,
+        patch_size=patch_size,
+        aug_prob=float(tcfg["aug_prob"]),
+        seed=int(tcfg["seed"]),
+        jitter=int(tcfg["jitter"]),
+        pos_fraction=float(tcfg["pos_fraction"]),
+    )
+
+    device = resolve_device(str(tcfg["device"]))
+    amp_dtype = autocast_dtype(device, bool(tcfg["amp"]))
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.benchmark = False
+
+    _seed_everything(int(tcfg["seed"]))
+    model = build_model(entry, model_cfg).to(device)
+    loss_fn = build_loss(entry, model_cfg).to(device)
+    opt = torch.optim.Adam(model.parameters(), lr=float(tcfg["lr"]))
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total_steps, eta_min=float(tcfg["lr_min"]))
+
+    start_epoch, step, best_auc, rows = 0, 0, float("nan"), []
+    last_path, model_path, log_path = out_dir / "last.pt", out_dir / "model.pt", out_dir / "train_log.tsv"
+    if resume and last_path.is_file():
+        ckpt = torch.load(last_path, map_location=device, weights_only=False)
+        if ckpt.get("fingerprint") == fingerprint:
+            model.load_state_dict(ckpt["model"])
+            opt.load_state_dict(ckpt["optimizer"])
+            sched.load_state_dict(ckpt["scheduler"])
+            _set_rng_state(ckpt["rng"])
+            start_epoch, step = int(ckpt["epoch"]), int(ckpt["step"])
+            best_auc, rows = float(ckpt["best_val_auc"]), list(ckpt["log"])
+        else:
+            print(f"{last_path}: settings changed since this checkpoint; training from scratch")
+
+    meta = {"variant_name": variant, "variant": entry, "model_cfg": model_cfg, "patch_size": patch_size}
+    pin = device.type == "cuda"
+    for epoch in range(start_epoch, epochs):
+        loader = DataLoader(
+            dataset,
+            batch_size=bs,
+            sampler=IndexRange(epoch * spe * bs, (epoch + 1) * spe * bs),
+            num_workers=int(tcfg["num_workers"]),
+            pin_memory=pin,
+            generator=torch.Generator().manual_seed(0),  # keeps the global torch RNG untouched
+        )
+        model.train()
+        sums = dict.fromkeys(TERMS, 0.0)
+        t0 = time.perf_counter()
+        bar = tqdm(loader, total=spe, desc=f"{variant} {epoch + 1}/{epochs}", disable=not progress, leave=False)
+        for batch in bar:
+            if max_steps is not None and step >= max_steps:
+                bar.close()
+                return {"status": "stopped", "step": step, "best_val_auc": best_auc, "rows": rows}
+            batch = {k: v.to(device, non_blocking=pin) for k, v in batch.items()}
+            with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+                outputs = model(batch)
+            total, terms = loss_fn(outputs, batch["mask"], batch["label"])
+            opt.zero_grad(set_to_none=True)
+            total.backward()
+            opt.step()
+            sched.step()
+            step += 1
+            for k in TERMS:
+                sums[k] += terms[k]
+            bar.set_postfix(loss=f"{terms['L_total']:.4f}")
+        bar.close()
+
+        pathway = model.pathway(phase)
+        scores = [centre_patch_score(pathway, vol, patch_size, device) for _, vol, _ in val_data]
+        auc = patient_auc([lab for _, _, lab in val_data], scores)
+        row = {"epoch": epoch + 1, **{k: sums[k] / spe for k in TERMS}}
+        row.update(lr=float(sched.get_last_lr()[0]), val_auc=auc, seconds=time.perf_counter() - t0)
+        rows.append(row)
+        improved = (not math.isnan(auc) and (math.isnan(best_auc) or auc > best_auc)) or (
+            math.isnan(best_auc) and math.isnan(auc)
+        )
+        if improved or not model_path.is_file():
+            best_auc = auc if improved else best_auc
+            _save({**meta, "model": model.state_dict(), "epoch": epoch + 1, "val_auc": auc}, model_path)
+        _save(
+            {
+                **meta,
+                "fingerprint": fingerprint,
+                "model": model.state_dict(),
+                "optimizer": opt.state_dict(),
+                "scheduler": sched.state_dict(),
+                "rng": _rng_state(),
+                "epoch": epoch + 1,
+                "step": step,
+                "sampler_position": step * bs,
+                "best_val_auc": best_auc,
+                "log": copy.deepcopy(rows),
+            },
+            last_path,
+        )
+        _write_log(log_path, rows)
+        if progress:
+            print(f"{variant} epoch {epoch + 1}/{epochs}: L_total {row['L_total']:.4f} val_auc {auc:.3f}")
+    if not log_path.is_file():
+        _write_log(log_path, rows)
+    return {"status": "done", "step": step, "best_val_auc": best_auc, "rows": rows}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--variant", required=True, help="variant name (an entry of the variants section)")
+    parser.add_argument("--splits", required=True, help="splits TSV (patient_id, split)")
+    parser.add_argument("--preprocessed-dir", required=True, help="folder of {pid}.npz preprocessed volumes")
+    parser.add_argument("--patches-dir", required=True, help="folder of {pid}.npz patch banks")
+    parser.add_argument("--out-dir", required=True, help="output folder (model.pt, last.pt, train_log.tsv)")
+    parser.add_argument("--max-steps", type=int, default=None, help="stop before this many steps (simulates a kill)")
+    parser.add_argument("--no-resume", action="store_true", help="ignore an existing last.pt")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
+    add_config_arguments(parser)
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = resolve(args)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        summary = train_variant(
+            args.variant,
+            args.splits,
+            args.preprocessed_dir,
+            args.patches_dir,
+            args.out_dir,
+            cfg,
+            max_steps=args.max_steps,
+            resume=not args.no_resume,
+            progress=not args.no_progress,
+        )
+    except InputError as err:
+        return report(err)
+    print(f"{args.variant}: {summary['status']} after {summary['step']} steps, best val AUC {summary['best_val_auc']:.3f}")
+    return 0

@@ -1,0 +1,144 @@
+"""Every loss of Eq. 5 against pencil-and-paper numbers on tiny tensors."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from cpmn.losses import L_KL, L_Total, L_alig, L_clas, L_disc, L_seg
+from cpmn.model import PathwayOutput
+
+LN3 = math.log(3.0)
+
+
+def test_l_clas_is_mean_bce():
+    # z = 0, y = 1: -log(1/2) = ln 2; z = ln 3, y = 0: -log(1 - 3/4) = ln 4. Mean = 1.5 ln 2.
+    loss = L_clas()(torch.tensor([0.0, LN3]), torch.tensor([1.0, 0.0]))
+    assert float(loss) == pytest.approx(1.5 * math.log(2.0), abs=1e-6)
+
+
+def test_l_seg_is_monai_focal_mean_over_channels_and_voxels():
+    # two voxels, both with logits (0, ln 3) -> softmax (1/4, 3/4)
+    logits = torch.tensor([0.0, LN3]).view(1, 2, 1, 1, 1).repeat(1, 1, 1, 1, 2)
+    mask = torch.tensor([1.0, 0.0]).view(1, 1, 1, 1, 2)
+    # voxel 1 (true class 1, p_t = 3/4): (1/4)^2 ln(4/3); voxel 2 (true class 0, p_t = 1/4): (3/4)^2 ln 4
+    fl = 0.0625 * math.log(4 / 3) + 0.5625 * math.log(4.0)
+    # MONAI "mean": over B * C * voxels = 1 * 2 * 2 elements (the non-true channel contributes 0)
+    assert float(L_seg()(logits, mask)) == pytest.approx(fl / 4, abs=1e-6)
+
+
+def test_l_kl_value_and_batch_mean():
+    # p1 = [1/2, 1/2] (z1 = 0), p2 = [1/4, 3/4] (z2 = ln 3):
+    # KL(p2||p1) = 1/4 ln(1/2) + 3/4 ln(3/2) = 0.130812; second sample identical distributions -> 0
+    z1 = torch.tensor([0.0, 1.0], requires_grad=True)
+    z2 = torch.tensor([LN3, 1.0], requires_grad=True)
+    loss = L_KL()(z1, z2)
+    expected = 0.25 * math.log(0.5) + 0.75 * math.log(1.5)
+    assert expected == pytest.approx(0.130812, abs=1e-6)
+    assert float(loss.detach()) == pytest.approx(expected / 2, abs=1e-6)
+    loss.backward()
+    assert z1.grad is None  # p1 is detached
+    # d/dz2 of KL(p2||p1) for p1 = 1/2: sigma'(z) * (log p2 - log(1 - p2)) = (3/16) * ln 3, halved by the mean
+    assert float(z2.grad[0]) == pytest.approx(3 / 16 * LN3 / 2, abs=1e-6)
+    assert float(z2.grad[1]) == pytest.approx(0.0, abs=1e-7)
+
+
+def _nodes(vectors):
+    """(N, C) node vectors along x -> encoder map (1, C, N, 1, 1)."""
+    return torch.tensor(vectors, dtype=torch.float32).t().reshape(1, -1, len(vectors), 1, 1)
+
+
+def test_l_alig_two_nodes():
+    # Ω1: a = (1, 0), b = (0, 1) -> cos 0; Ω2: a = (1, 0), b = (1, 1) -> cos 1/sqrt 2.
+    # sum over ordered pairs (a,b), (b,a) of (0 - 0.7071)^2 = 1; Z = N * alpha_count = 2 * 2 = 4
+    f1, f2 = _nodes([[1, 0], [0, 1]]), _nodes([[1, 0], [1, 1]])
+    for alpha in (0, 1, 5):
+        assert float(L_alig(alpha=alpha, beta=1)(f1, f2)) == pytest.approx(0.25, abs=1e-6)
+
+
+def test_l_alig_connection_range():
+    # three nodes in a row. Ω1: (1,0), (1,0), (0,1); Ω2: all (1,0).
+    # differing affinities: pairs (0,2) and (1,2), 1 each (both orders)
+    f1, f2 = _nodes([[1, 0], [1, 0], [0, 1]]), _nodes([[1, 0], [1, 0], [1, 0]])
+    # alpha = 0 (all-to-all): 4 / (3 * 3)
+    assert float(L_alig(alpha=0, beta=1)(f1, f2)) == pytest.approx(4 / 9, abs=1e-6)
+    # alpha = 1: node 0 and node 2 are 2 apart -> no edge; sum 2, alpha_count = min(3, 3) -> Z = 3 * 3
+    assert float(L_alig(alpha=1, beta=1)(f1, f2)) == pytest.approx(2 / 9, abs=1e-6)
+
+
+def test_l_alig_granularity_pools_blocks():
+    # (1, 2, 4, 2, 2) maps, beta = 2 -> 2 nodes (x blocks 0-1 and 2-3)
+    f1 = torch.zeros(1, 2, 4, 2, 2)
+    f1[0, 0, 0] = 2.0  # block A: half the positions (2, 0), half (0, 0) -> mean (1, 0)
+    f1[0, 1, 2:] = 1.0  # block B: (0, 1)
+    f2 = torch.zeros(1, 2, 4, 2, 2)
+    f2[0, 0, :2] = 1.0  # block A: (1, 0)
+    f2[0, :, 2:] = 1.0  # block B: (1, 1)
+    assert float(L_alig(alpha=0, beta=2)(f1, f2)) == pytest.approx(0.25, abs=1e-6)
+    # a batch of two with the second sample identical in both pathways: mean over the batch halves it
+    two = L_alig(alpha=0, beta=2)(torch.cat([f1, f2]), torch.cat([f2, f2]))
+    assert float(two) == pytest.approx(0.125, abs=1e-6)
+
+
+def _disc_case():
+    """2x2x2 map, 2 channels. Class 1: (1,0), (3,0) -> centre (2,0). Class 0: 4x (0,0), 2x (0,6) -> (0,2)."""
+    vecs = [[1, 0], [3, 0], [0, 0], [0, 0], [0, 0], [0, 0], [0, 6], [0, 6]]
+    feat = torch.tensor(vecs, dtype=torch.float32).t().reshape(1, 2, 2, 2, 2)
+    mask = torch.tensor([1, 1, 0, 0, 0, 0, 0, 0], dtype=torch.float32).reshape(1, 1, 2, 2, 2)
+    # squared distances: 1, 1, 4, 4, 4, 4, 16, 16 -> sum 50; 1/2 * 50 / 8 voxels
+    return feat, mask, 0.5 * 50 / 8
+
+
+def test_l_disc_value():
+    feat, mask, expected = _disc_case()
+    assert float(L_disc()(feat, mask)) == pytest.approx(expected, abs=1e-6)
+
+
+def test_l_disc_resizes_mask_nearest():
+    feat, mask, expected = _disc_case()
+    hi = mask.repeat_interleave(2, 2).repeat_interleave(2, 3).repeat_interleave(2, 4)  # (1, 1, 4, 4, 4)
+    assert float(L_disc()(feat, hi)) == pytest.approx(expected, abs=1e-6)
+
+
+def test_l_disc_gradient_is_pull_to_detached_centre():
+    feat, mask, _ = _disc_case()
+    feat.requires_grad_(True)
+    L_disc()(feat, mask).backward()
+    g = feat.grad.reshape(2, 8).t()  # (voxel, channel) = (x - c) / 8
+    assert g[0].tolist() == pytest.approx([-1 / 8, 0.0])
+    assert g[6].tolist() == pytest.approx([0.0, 4 / 8])
+
+
+def _out(seg, cls, enc, dec):
+    return PathwayOutput(seg=seg, cls=cls, enc=enc, dec=dec)
+
+
+def test_l_total_combines_terms_with_weights():
+    torch.manual_seed(0)
+    mask = (torch.rand(2, 1, 4, 4, 4) > 0.7).float()
+    label = torch.tensor([1.0, 0.0])
+    o1 = _out(torch.randn(2, 2, 4, 4, 4), torch.randn(2), torch.randn(2, 3, 4, 4, 4), torch.randn(2, 5, 4, 4, 4))
+    o2 = _out(torch.randn(2, 2, 4, 4, 4), torch.randn(2), torch.randn(2, 3, 4, 4, 4), torch.randn(2, 5, 4, 4, 4))
+    loss = L_Total(("ctpa", "nct"), lambda1=0.25, lambda2=10.0, lambda3=0.1, seg_weight=0.5)
+    total, terms = loss({"ctpa": o1, "nct": o2}, mask, label)
+    clas = L_clas()(o1.cls, label) + L_clas()(o2.cls, label)
+    seg = L_seg()(o1.seg, mask) + L_seg()(o2.seg, mask)
+    disc = L_disc()(o1.dec, mask) + L_disc()(o2.dec, mask)
+    kl = L_KL()(o1.cls, o2.cls)
+    alig = L_alig(2, 2)(o1.enc, o2.enc)
+    expected = clas + 0.5 * seg + 0.25 * kl + 10.0 * alig + 0.1 * disc
+    assert float(total) == pytest.approx(float(expected), rel=1e-6)
+    assert terms["L_KL"] == pytest.approx(float(kl), rel=1e-6)
+    assert terms["L_alig"] == pytest.approx(float(alig), rel=1e-6)
+    assert terms["L_total"] == pytest.approx(float(expected), rel=1e-6)
+    # single pathway: only its own terms, no KL / alignment
+    single, t1 = L_Total(("nct",), 0.0, 0.0, 0.0)({"nct": o2}, mask, label)
+    assert float(single) == pytest.approx(float(L_clas()(o2.cls, label) + L_seg()(o2.seg, mask)), rel=1e-6)
+    assert t1["L_KL"] == 0.0 and t1["L_alig"] == 0.0
+
+
+def test_l_total_rejects_transfer_without_two_pathways():
+    with pytest.raises(ValueError, match="both pathways"):
+        L_Total(("nct",), lambda1=0.25)

@@ -1,0 +1,80 @@
+"""The pathway wraps MONAI's FlexibleUNet; the transfer losses train only Ω2 (gradient tests on the real net)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cpmn.losses import L_KL, L_alig, L_clas
+from cpmn.model import DualPathway, Pathway, encoder_channels
+
+
+@pytest.fixture(scope="module")
+def x():
+    torch.manual_seed(0)
+    return torch.rand(1, 1, 32, 32, 32)
+
+
+def test_encoder_channels_of_efficientnet_b0():
+    assert encoder_channels("efficientnet-b0") == (16, 24, 40, 112, 320)
+
+
+def test_pathway_shapes_and_equals_monai_forward(x):
+    torch.manual_seed(0)
+    net = Pathway("efficientnet-b0", ifa_level=2).eval()
+    with torch.no_grad():
+        out = net(x)
+        reference = net.unet(x)  # MONAI's own FlexibleUNet.forward
+    assert out.seg.shape == (1, 2, 32, 32, 32)
+    assert out.cls.shape == (1,)
+    assert out.enc.shape == (1, 40, 4, 4, 4)  # level 2: 40 channels at stride 8
+    assert out.dec.shape == (1, 16, 32, 32, 32)
+    assert torch.allclose(out.seg, reference)
+    deep = Pathway("efficientnet-b0", ifa_level=4).eval()
+    with torch.no_grad():
+        assert deep(x).enc.shape == (1, 320, 1, 1, 1)
+
+
+def test_dual_pathway_has_separate_weights():
+    torch.manual_seed(0)
+    dual = DualPathway()
+    p1 = dict(dual.omega1.named_parameters())
+    p2 = dict(dual.omega2.named_parameters())
+    assert p1.keys() == p2.keys()
+    stem = "unet.encoder._conv_stem.weight"
+    assert p1[stem].data_ptr() != p2[stem].data_ptr()
+    assert not torch.equal(p1[stem], p2[stem])
+
+
+def _grads(module):
+    return {n: p.grad for n, p in module.named_parameters()}
+
+
+def _nonzero(g):
+    return g is not None and bool(g.abs().sum() > 0)
+
+
+@pytest.mark.parametrize("which", ["kl", "alig"])
+def test_transfer_losses_train_only_omega2(x, which):
+    torch.manual_seed(0)
+    dual = DualPathway(ifa_level=2).eval()  # eval: batch-norm running stats for a batch of one
+    out = dual(x, torch.rand_like(x))
+    loss = L_KL()(out.ctpa.cls, out.nct.cls) if which == "kl" else L_alig(2, 2)(out.ctpa.enc, out.nct.enc)
+    assert float(loss.detach()) > 0
+    loss.backward()
+    g1, g2 = _grads(dual.omega1), _grads(dual.omega2)
+    assert all(g is None or not g.abs().any() for g in g1.values())
+    assert _nonzero(g2["unet.encoder._conv_stem.weight"])
+    if which == "kl":
+        assert _nonzero(g2["classifier.fc2.weight"])
+    assert sum(_nonzero(g) for g in g2.values()) > 20
+
+
+def test_classification_loss_does_train_omega1(x):
+    # the counterpart that shows the test above could fail: a loss on Ω1's output reaches Ω1
+    torch.manual_seed(0)
+    dual = DualPathway().eval()
+    out = dual(x, x)
+    L_clas()(out.ctpa.cls, torch.ones(1)).backward()
+    assert _nonzero(dual.omega1.unet.encoder._conv_stem.weight.grad)
+    assert dual.omega2.unet.encoder._conv_stem.weight.grad is None
