@@ -24,6 +24,7 @@ import json
 import math
 import os
 import random
+import sys
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -183,6 +184,8 @@ def train_variant(
     tcfg = {**TRAIN_DEFAULTS, **(cfg.get("train") or {})}
     pcfg = {**PATCH_DEFAULTS, **(cfg.get("patches") or {})}
     patch_size = [int(s) for s in pcfg["size"]]
+    if min(patch_size) < 32:
+        raise ValueError(f"patches.size {patch_size}: every axis must be >= 32 (the encoder's stride)")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     epochs, spe, bs = int(tcfg["epochs"]), int(tcfg["steps_per_epoch"]), int(tcfg["batch_size"])
@@ -341,5 +344,8 @@ def run(args: argparse.Namespace) -> int:
         )
     except InputError as err:
         return report(err)
+    except (KeyError, ValueError) as err:
+        print(f"ERROR variant {args.variant}: {err}", file=sys.stderr)
+        return 1
     print(f"{args.variant}: {summary['status']} after {summary['step']} steps, best val AUC {summary['best_val_auc']:.3f}")
     return 0

@@ -151,8 +151,12 @@ def _dicom_view(vol: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.nda
     return np.ascontiguousarray(vol[:, ::-1, :]), affine @ flip
 
 
-def _save_nifti(arr: np.ndarray, affine: np.ndarray, path: Path, intent: str | None = None) -> None:
+def _save_nifti(
+    arr: np.ndarray, affine: np.ndarray, path: Path, intent: str | None = None, dtype=None
+) -> None:
     img = nib.Nifti1Image(arr, affine)
+    if dtype is not None:  # stored scaled (scl_slope), read back as float by get_fdata
+        img.set_data_dtype(dtype)
     img.set_qform(affine, code=1)
     img.set_sform(affine, code=1)
     if intent:
@@ -333,7 +337,7 @@ def generate_patient(
         _save_nifti(mask_c.astype(np.uint8), ctpa_aff, out / rel["ctpa_mask"])
         tdir = out / "truth" / pid
         _save_nifti(mask_n.astype(np.uint8), nct_aff, tdir / "mask_nct.nii.gz")
-        _save_nifti(u, ctpa_aff, tdir / "displacement.nii.gz", intent="vector")
+        _save_nifti(u, ctpa_aff, tdir / "displacement.nii.gz", intent="vector", dtype=np.int16)
         with open(tdir / "truth.json", "w") as fh:
             json.dump(truth, fh, indent=1)
     result = {"patient_id": pid, "label": label, "study_date": date, **rel}

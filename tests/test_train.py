@@ -1,0 +1,225 @@
+"""Dataset, trainer, resume and variants on two tiny fake patients (P = 32^3, the smallest the net takes)."""
+
+from __future__ import annotations
+
+import csv
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from cpmn import train as train_mod
+from cpmn.data.dataset import PatchDataset
+from cpmn.errors import InputError
+from cpmn.model import PathwayOutput
+from cpmn.train import centre_patch_score, train_variant
+from cpmn.variants import build_variant, load_for_inference
+
+ROOT = Path(__file__).resolve().parents[1]
+SHAPE = (40, 40, 24)
+P = [32, 32, 32]
+
+
+def _config(**train):
+    cfg = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())
+    cfg["patches"]["size"] = P
+    cfg["train"].update({"epochs": 2, "steps_per_epoch": 2, "batch_size": 2, "device": "cpu", **train})
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory):
+    """Two patients: p0 with a bright 'embolus' block in both phases, p1 without; both in train and val."""
+    root = tmp_path_factory.mktemp("cohort")
+    pre, pat = root / "pre", root / "pat"
+    pre.mkdir()
+    pat.mkdir()
+    rng = np.random.default_rng(0)
+    for k, pid in enumerate(["p0", "p1"]):
+        mask = np.zeros(SHAPE, np.uint8)
+        nct = rng.random(SHAPE, dtype=np.float32) * 0.2
+        if k == 0:
+            mask[16:24, 16:24, 8:14] = 1
+        ctpa = nct + 0.5 * mask
+        np.savez(pre / f"{pid}.npz", nct=nct + 0.2 * mask, ctpa=ctpa, mask=mask, label=np.array(1 - k))
+        centres = np.array([[20, 20, 11], [5, 5, 5], [35, 30, 20]]) if k == 0 else np.array([[20, 20, 12], [2, 3, 4]])
+        positive = np.array([True, False, False]) if k == 0 else np.zeros(2, bool)
+        np.savez(pat / f"{pid}.npz", centres=centres, positive=positive, size=np.array(P))
+    splits = root / "splits.tsv"
+    splits.write_text("patient_id\tsplit\np0\ttrain\np1\ttrain\np0\tval\np1\tval\n")
+    return {"pre": pre, "pat": pat, "splits": splits, "root": root}
+
+
+def test_dataset_crop_is_centred_and_padded(cohort, tmp_path):
+    vol = np.arange(np.prod(SHAPE), dtype=np.float32).reshape(SHAPE)
+    np.savez(tmp_path / "q.npz", nct=vol, ctpa=vol + 1, mask=np.zeros(SHAPE, np.uint8), label=np.array(0))
+    bank = tmp_path / "bank"
+    bank.mkdir()
+    np.savez(bank / "q.npz", centres=np.array([[2, 3, 4]]), positive=np.array([False]), size=np.array(P))
+    ds = PatchDataset(["q"], tmp_path, bank, patch_size=P, aug_prob=0.0, jitter=0)
+    s = ds[0]
+    assert s["nct"].shape == (1, 32, 32, 32)
+    # the bank centre (2, 3, 4) sits at the patch centre P // 2 = (16, 16, 16)
+    assert float(s["nct"][0, 16, 16, 16]) == vol[2, 3, 4]
+    assert float(s["ctpa"][0, 16, 16, 16]) == vol[2, 3, 4] + 1
+    assert float(s["nct"][0, 14, 13, 12]) == vol[0, 0, 0]
+    # the part outside the volume is zero padding: x < 14, y < 13, z < 12
+    assert float(s["nct"][0, :14].abs().sum()) == 0.0
+    assert float(s["nct"][0, :, :13].abs().sum()) == 0.0
+    assert float(s["nct"][0, :, :, :12].abs().sum()) == 0.0
+
+
+def test_dataset_balanced_and_deterministic(cohort):
+    ds = PatchDataset(["p0", "p1"], cohort["pre"], cohort["pat"], patch_size=P, aug_prob=0.5, seed=3)
+    samples = [ds[i] for i in range(60)]
+    pos = np.mean([float(s["positive"]) for s in samples])
+    assert 0.3 < pos < 0.7  # one positive centre among five, drawn half of the time
+    # positive draws hold the embolus (jitter 4 < half the block), so their patch label is 1
+    assert all(float(s["label"]) == 1.0 for s in samples if float(s["positive"]) == 1.0)
+    again = ds[17]
+    assert all(torch.equal(again[k], samples[17][k]) for k in again)
+    other = PatchDataset(["p0", "p1"], cohort["pre"], cohort["pat"], patch_size=P, aug_prob=0.5, seed=4)
+    assert not all(torch.equal(other[i]["nct"], samples[i]["nct"]) for i in range(5))
+
+
+class _MeanNet(torch.nn.Module):
+    """Stub pathway: cls = logit(mean of the input), so the score is the fraction of ones in the patch."""
+
+    def forward(self, x):
+        m = x.mean().clamp(1e-6, 1 - 1e-6)
+        logit = torch.log(m / (1 - m)).reshape(1)
+        return PathwayOutput(seg=x, cls=logit, enc=x, dec=x)
+
+
+def test_centre_patch_score_pads_and_crops():
+    net = _MeanNet()
+    # a 10^3 volume of ones is smaller than P: zero padding -> 1000 / 32^3
+    small = np.ones((10, 10, 10), np.float32)
+    assert centre_patch_score(net, small, P) == pytest.approx(1000 / 32**3, rel=1e-5)
+    # a 64^3 volume with ones in x < 32: the centre window x 16..47 holds 16 of 32 x-planes of ones
+    big = np.zeros((64, 64, 64), np.float32)
+    big[:32] = 1.0
+    assert centre_patch_score(net, big, P) == pytest.approx(0.5, rel=1e-5)
+
+
+def test_a_few_steps_drive_the_loss_down(cohort):
+    torch.manual_seed(0)
+    cfg = _config()
+    model, loss_fn = build_variant("nct", cfg)
+    ds = PatchDataset(["p0", "p1"], cohort["pre"], cohort["pat"], patch_size=P, aug_prob=0.0, jitter=0)
+    batch = torch.utils.data.default_collate([ds[i] for i in range(4)])
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    losses = []
+    for _ in range(6):
+        total, _ = loss_fn(model(batch), batch["mask"], batch["label"])
+        opt.zero_grad()
+        total.backward()
+        opt.step()
+        losses.append(float(total.detach()))
+    assert losses[-1] < 0.7 * losses[0]
+
+
+def _weights(path):
+    return torch.load(path, weights_only=False)["model"]
+
+
+def _run(cohort, out, cfg, **kw):
+    return train_variant("cpmn", cohort["splits"], cohort["pre"], cohort["pat"], out, cfg, **kw)
+
+
+def test_resume_after_kill_equals_straight_run(cohort, tmp_path):
+    cfg = _config()
+    straight = _run(cohort, tmp_path / "a", cfg)
+    assert straight["status"] == "done" and straight["step"] == 4
+    stopped = _run(cohort, tmp_path / "b", cfg, max_steps=3)  # killed in the middle of epoch 2
+    assert stopped["status"] == "stopped" and stopped["step"] == 3
+    assert torch.load(tmp_path / "b" / "last.pt", weights_only=False)["step"] == 2
+    resumed = _run(cohort, tmp_path / "b", cfg)
+    assert resumed["status"] == "done" and resumed["step"] == 4
+    wa, wb = _weights(tmp_path / "a" / "last.pt"), _weights(tmp_path / "b" / "last.pt")
+    assert wa.keys() == wb.keys()
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    # the log: two epochs, same losses, lr annealed to lr_min at the last step
+    with open(tmp_path / "b" / "train_log.tsv") as fh:
+        rows = list(csv.DictReader(fh, delimiter="\t"))
+    assert list(rows[0]) == ["epoch", "L_clas", "L_seg", "L_KL", "L_alig", "L_disc", "L_total", "lr", "val_auc", "seconds"]
+    assert [r["epoch"] for r in rows] == ["1", "2"]
+    assert float(rows[1]["lr"]) == pytest.approx(1e-5)
+    # cosine after 2 of 4 steps: lr_min + (lr - lr_min) / 2
+    assert float(rows[0]["lr"]) == pytest.approx(1e-5 + (1e-3 - 1e-5) / 2, rel=1e-4)
+    for a, b in zip(straight["rows"], resumed["rows"], strict=True):
+        assert a["L_total"] == pytest.approx(b["L_total"], rel=1e-6)
+    assert 0.0 <= resumed["best_val_auc"] <= 1.0
+    # inference uses Ω2 on NCT, with the weights of model.pt
+    pathway, phase = load_for_inference(tmp_path / "b" / "model.pt", "cpu")
+    assert phase == "nct"
+    ref = torch.load(tmp_path / "b" / "model.pt", weights_only=False)["model"]
+    stem = pathway.unet.encoder._conv_stem.weight
+    assert torch.equal(stem, ref["net.omega2.unet.encoder._conv_stem.weight"])
+    assert not torch.equal(stem, ref["net.omega1.unet.encoder._conv_stem.weight"])
+    x = torch.zeros(1, 1, *P)
+    assert pathway(x).seg.shape == (1, 2, *P)
+
+
+def test_seed_determinism(cohort, tmp_path):
+    cfg = _config(epochs=1)
+    runs = {}
+    for name, seed in [("a", 0), ("b", 0), ("c", 1)]:
+        cfg["train"]["seed"] = seed
+        train_variant("nct", cohort["splits"], cohort["pre"], cohort["pat"], tmp_path / name, cfg)
+        runs[name] = _weights(tmp_path / name / "last.pt")
+    key = "net.unet.encoder._conv_stem.weight"
+    assert all(torch.equal(runs["a"][k], runs["b"][k]) for k in runs["a"])
+    assert not torch.equal(runs["a"][key], runs["c"][key])
+
+
+def test_every_variant_builds_and_runs_one_step(cohort):
+    cfg = _config()
+    ds = PatchDataset(["p0", "p1"], cohort["pre"], cohort["pat"], patch_size=P, aug_prob=0.0)
+    batch = torch.utils.data.default_collate([ds[i] for i in range(2)])
+    names = set(cfg["variants"])
+    assert {"ctpa", "nct", "mls", "mls_ifa", "cpmn", "nct_cls"} <= names
+    for name in sorted(names):
+        torch.manual_seed(0)
+        model, loss_fn = build_variant(name, cfg)
+        entry = cfg["variants"][name]
+        assert model.phases == tuple(p for p in ("ctpa", "nct") if p in entry["pathways"])
+        opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        total, t = loss_fn(model(batch), batch["mask"], batch["label"])
+        opt.zero_grad()
+        total.backward()
+        opt.step()
+        assert math.isfinite(t["L_total"])
+        w = entry.get("seg_weight", 1.0)
+        combo = t["L_clas"] + w * t["L_seg"] + entry["lambda1"] * t["L_KL"]
+        combo += entry["lambda2"] * t["L_alig"] + entry["lambda3"] * t["L_disc"]
+        assert t["L_total"] == pytest.approx(combo, rel=1e-5), name
+        changed = [k for k, v in model.state_dict().items() if not torch.equal(v, before[k])]
+        assert changed, name
+        if name == "nct_cls":  # classification only: the segmentation head gets no gradient
+            head = model.pathway("nct").unet.segmentation_head[0].weight
+            assert head.grad is None or not head.grad.abs().any()
+
+
+def test_missing_input_names_patient_and_file(cohort, tmp_path):
+    splits = tmp_path / "splits.tsv"
+    splits.write_text("patient_id\tsplit\np0\ttrain\npX\ttrain\n")
+    with pytest.raises(InputError, match=r"patient pX: .*pX\.npz: preprocessed volume not found"):
+        train_variant("nct", splits, cohort["pre"], cohort["pat"], tmp_path / "out", _config())
+    assert not (tmp_path / "out" / "model.pt").exists()
+
+
+def test_cli_reports_bad_input(cohort, tmp_path, capsys):
+    from cpmn.cli import main
+
+    rc = main(
+        ["train", "--config", str(ROOT / "config" / "config.yaml"), "--variant", "nct", "--splits", str(tmp_path / "nope.tsv"), "--preprocessed-dir",
+         str(cohort["pre"]), "--patches-dir", str(cohort["pat"]), "--out-dir", str(tmp_path / "o")]
+    )
+    assert rc == 1
+    assert "ERROR patient ?:" in capsys.readouterr().err
+    assert train_mod.LOG_COLUMNS[0] == "epoch"
