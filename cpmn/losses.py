@@ -38,8 +38,8 @@ class L_seg(nn.Module):
     """Segmentation loss: MONAI ``FocalLoss`` (γ = 2) on the softmax of the 2-class logits.
 
     ``logits`` ``(B, 2, X, Y, Z)``, ``mask`` ``(B, 1, X, Y, Z)`` with values in {0, 1} (one-hot inside,
-    ``to_onehot_y=True``, ``use_softmax=True``, background included). Reduction (MONAI ``mean``): the mean over
-    batch, both class channels and voxels of ``-(1 - p_c)^γ y_c log p_c``, i.e. half the voxel mean of
+    ``to_onehot_y=True``, ``use_softmax=True``, background included). Reduction (MONAI ``mean``): the mean
+    over batch, both class channels and voxels of ``-(1 - p_c)^γ y_c log p_c``, i.e. half the voxel mean of
     ``-(1 - p_t)^γ log p_t`` with ``p_t`` the softmax probability of the true class.
     """
 
@@ -136,15 +136,15 @@ class L_alig(nn.Module):
 class L_disc(nn.Module):
     """Eqs. 3-4 (IFD): dense centre loss on the decoder feature map of one pathway.
 
-    ``feat`` ``(B, C, X', Y', Z')``, ``mask`` ``(B, 1, X, Y, Z)`` in {0, 1}; the mask is resized to the feature
-    map with nearest-neighbour interpolation. Class centres ``c_k`` (Eq. 4) are the centroids of the feature
-    vectors of all voxels of class k in the current batch, recomputed every iteration. As in the centre-loss
-    paper (Wen et al., ECCV 2016), the centres are per-iteration estimates, not differentiable paths: they
-    are detached, so the loss pulls each feature towards its class centre (with exact batch centroids the
-    gradient through the centres would vanish anyway, as Σ_v (x_v - c) = 0 within a class; detaching makes
-    that explicit and keeps the graph small). Loss (Eq. 3):
-    ``½ ‖x_v - c_{y_v}‖²`` averaged over all voxels v of the batch. A class absent from the batch has no
-    centre and no voxel to pull.
+    ``feat`` ``(B, C, X', Y', Z')``, ``mask`` ``(B, 1, X, Y, Z)`` in {0, 1}; the mask is resized to the
+    feature map with nearest-neighbour interpolation. Class centres ``c_k`` (Eq. 4) are the centroids of
+    the feature vectors of all voxels of class k in the current batch, recomputed every iteration. As in
+    the centre-loss paper (Wen et al., ECCV 2016), the centres are per-iteration estimates, not
+    differentiable paths: they are detached, so the loss pulls each feature towards its class centre
+    (with exact batch centroids the gradient through the centres would vanish anyway, as
+    Σ_v (x_v - c) = 0 within a class; detaching makes that explicit and keeps the graph small).
+    Loss (Eq. 3): ``½ ‖x_v - c_{y_v}‖²`` averaged over all voxels v of the batch. A class absent from
+    the batch has no centre and no voxel to pull.
     """
 
     def forward(self, feat: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

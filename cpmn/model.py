@@ -41,7 +41,9 @@ class PathwayOutput(NamedTuple):
 def encoder_channels(backbone: str) -> tuple[int, ...]:
     """Channels of the encoder's output maps for a FlexibleUNet backbone, e.g. (16, 24, 40, 112, 320)."""
     if backbone not in FLEXUNET_BACKBONE.register_dict:
-        raise ValueError(f"unknown backbone {backbone!r}; FlexibleUNet knows {sorted(FLEXUNET_BACKBONE.register_dict)}")
+        raise ValueError(
+            f"unknown backbone {backbone!r}; FlexibleUNet knows {sorted(FLEXUNET_BACKBONE.register_dict)}"
+        )
     return tuple(FLEXUNET_BACKBONE.register_dict[backbone]["feature_channel"])
 
 

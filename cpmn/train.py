@@ -1,4 +1,4 @@
-"""Train one variant (single or dual pathway) on balanced patches, with per-epoch checkpoints and exact resume.
+"""Train one variant (single or dual pathway) on balanced patches: per-epoch checkpoints, exact resume.
 
 ``cpmn train --variant V --splits S --preprocessed-dir D --patches-dir D --out-dir results/models/V
 [--config FILE] [--params JSON] [--max-steps N] [--threads N]``; ``--params`` carries
@@ -258,7 +258,9 @@ def train_variant(
         model.train()
         sums = dict.fromkeys(TERMS, 0.0)
         t0 = time.perf_counter()
-        bar = tqdm(loader, total=spe, desc=f"{variant} {epoch + 1}/{epochs}", disable=not progress, leave=False)
+        bar = tqdm(
+            loader, total=spe, desc=f"{variant} {epoch + 1}/{epochs}", disable=not progress, leave=False
+        )
         for batch in bar:
             if max_steps is not None and step >= max_steps:
                 bar.close()
@@ -319,7 +321,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preprocessed-dir", required=True, help="folder of {pid}.npz preprocessed volumes")
     parser.add_argument("--patches-dir", required=True, help="folder of {pid}.npz patch banks")
     parser.add_argument("--out-dir", required=True, help="output folder (model.pt, last.pt, train_log.tsv)")
-    parser.add_argument("--max-steps", type=int, default=None, help="stop before this many steps (simulates a kill)")
+    parser.add_argument(
+        "--max-steps", type=int, default=None, help="stop before this many steps (simulates a kill)"
+    )
     parser.add_argument("--no-resume", action="store_true", help="ignore an existing last.pt")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
@@ -347,5 +351,6 @@ def run(args: argparse.Namespace) -> int:
     except (KeyError, ValueError) as err:
         print(f"ERROR variant {args.variant}: {err}", file=sys.stderr)
         return 1
-    print(f"{args.variant}: {summary['status']} after {summary['step']} steps, best val AUC {summary['best_val_auc']:.3f}")
+    auc = summary["best_val_auc"]
+    print(f"{args.variant}: {summary['status']} after {summary['step']} steps, best val AUC {auc:.3f}")
     return 0

@@ -24,7 +24,12 @@ from cpmn.losses import L_Total
 from cpmn.model import DualPathway, Pathway, PathwayOutput
 
 #: defaults of the ``model:`` section (config/config.yaml)
-MODEL_DEFAULTS: dict[str, Any] = {"backbone": "efficientnet-b0", "ifa_level": 2, "ifa_alpha": 2, "ifa_beta": 2}
+MODEL_DEFAULTS: dict[str, Any] = {
+    "backbone": "efficientnet-b0",
+    "ifa_level": 2,
+    "ifa_alpha": 2,
+    "ifa_beta": 2,
+}
 PHASES = ("ctpa", "nct")
 
 
@@ -113,7 +118,7 @@ def build_variant(name: str, cfg: Mapping[str, Any]) -> tuple[VariantModel, L_To
 
 
 def load_checkpoint_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[VariantModel, dict]:
-    """Rebuild the whole :class:`VariantModel` from a ``model.pt``/``last.pt``; returns (model, checkpoint)."""
+    """Rebuild the whole :class:`VariantModel` from ``model.pt`` or ``last.pt``: (model, checkpoint)."""
     ckpt = torch.load(path, map_location=device, weights_only=False)
     model = build_model(ckpt["variant"], ckpt["model_cfg"])
     model.load_state_dict(ckpt["model"])

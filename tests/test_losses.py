@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from cpmn.losses import L_KL, L_Total, L_alig, L_clas, L_disc, L_seg
+from cpmn.losses import L_KL, L_alig, L_clas, L_disc, L_seg, L_Total
 from cpmn.model import PathwayOutput
 
 LN3 = math.log(3.0)
@@ -119,8 +119,12 @@ def test_l_total_combines_terms_with_weights():
     torch.manual_seed(0)
     mask = (torch.rand(2, 1, 4, 4, 4) > 0.7).float()
     label = torch.tensor([1.0, 0.0])
-    o1 = _out(torch.randn(2, 2, 4, 4, 4), torch.randn(2), torch.randn(2, 3, 4, 4, 4), torch.randn(2, 5, 4, 4, 4))
-    o2 = _out(torch.randn(2, 2, 4, 4, 4), torch.randn(2), torch.randn(2, 3, 4, 4, 4), torch.randn(2, 5, 4, 4, 4))
+    o1 = _out(
+        torch.randn(2, 2, 4, 4, 4), torch.randn(2), torch.randn(2, 3, 4, 4, 4), torch.randn(2, 5, 4, 4, 4)
+    )
+    o2 = _out(
+        torch.randn(2, 2, 4, 4, 4), torch.randn(2), torch.randn(2, 3, 4, 4, 4), torch.randn(2, 5, 4, 4, 4)
+    )
     loss = L_Total(("ctpa", "nct"), lambda1=0.25, lambda2=10.0, lambda3=0.1, seg_weight=0.5)
     total, terms = loss({"ctpa": o1, "nct": o2}, mask, label)
     clas = L_clas()(o1.cls, label) + L_clas()(o2.cls, label)

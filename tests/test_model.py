@@ -1,4 +1,4 @@
-"""The pathway wraps MONAI's FlexibleUNet; the transfer losses train only Ω2 (gradient tests on the real net)."""
+"""The pathway wraps MONAI's FlexibleUNet; the transfer losses train only Ω2 (gradients of the real net)."""
 
 from __future__ import annotations
 

@@ -45,7 +45,11 @@ def cohort(tmp_path_factory):
             mask[16:24, 16:24, 8:14] = 1
         ctpa = nct + 0.5 * mask
         np.savez(pre / f"{pid}.npz", nct=nct + 0.2 * mask, ctpa=ctpa, mask=mask, label=np.array(1 - k))
-        centres = np.array([[20, 20, 11], [5, 5, 5], [35, 30, 20]]) if k == 0 else np.array([[20, 20, 12], [2, 3, 4]])
+        centres = (
+            np.array([[20, 20, 11], [5, 5, 5], [35, 30, 20]])
+            if k == 0
+            else np.array([[20, 20, 12], [2, 3, 4]])
+        )
         positive = np.array([True, False, False]) if k == 0 else np.zeros(2, bool)
         np.savez(pat / f"{pid}.npz", centres=centres, positive=positive, size=np.array(P))
     splits = root / "splits.tsv"
@@ -110,10 +114,13 @@ def test_a_few_steps_drive_the_loss_down(cohort):
     cfg = _config()
     model, loss_fn = build_variant("nct", cfg)
     ds = PatchDataset(["p0", "p1"], cohort["pre"], cohort["pat"], patch_size=P, aug_prob=0.0, jitter=0)
-    batch = torch.utils.data.default_collate([ds[i] for i in range(4)])
+    samples = [ds[i] for i in range(12)]
+    pos = next(x for x in samples if x["label"] == 1)
+    neg = next(x for x in samples if x["label"] == 0)
+    batch = torch.utils.data.default_collate([pos, neg])  # one patch with the embolus, one without
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     losses = []
-    for _ in range(6):
+    for _ in range(5):
         total, _ = loss_fn(model(batch), batch["mask"], batch["label"])
         opt.zero_grad()
         total.backward()
@@ -126,8 +133,8 @@ def _weights(path):
     return torch.load(path, weights_only=False)["model"]
 
 
-def _run(cohort, out, cfg, **kw):
-    return train_variant("cpmn", cohort["splits"], cohort["pre"], cohort["pat"], out, cfg, **kw)
+def _run(cohort, out, cfg, variant="nct", **kw):
+    return train_variant(variant, cohort["splits"], cohort["pre"], cohort["pat"], out, cfg, **kw)
 
 
 def test_resume_after_kill_equals_straight_run(cohort, tmp_path):
@@ -145,7 +152,18 @@ def test_resume_after_kill_equals_straight_run(cohort, tmp_path):
     # the log: two epochs, same losses, lr annealed to lr_min at the last step
     with open(tmp_path / "b" / "train_log.tsv") as fh:
         rows = list(csv.DictReader(fh, delimiter="\t"))
-    assert list(rows[0]) == ["epoch", "L_clas", "L_seg", "L_KL", "L_alig", "L_disc", "L_total", "lr", "val_auc", "seconds"]
+    assert list(rows[0]) == [
+        "epoch",
+        "L_clas",
+        "L_seg",
+        "L_KL",
+        "L_alig",
+        "L_disc",
+        "L_total",
+        "lr",
+        "val_auc",
+        "seconds",
+    ]
     assert [r["epoch"] for r in rows] == ["1", "2"]
     assert float(rows[1]["lr"]) == pytest.approx(1e-5)
     # cosine after 2 of 4 steps: lr_min + (lr - lr_min) / 2
@@ -153,27 +171,31 @@ def test_resume_after_kill_equals_straight_run(cohort, tmp_path):
     for a, b in zip(straight["rows"], resumed["rows"], strict=True):
         assert a["L_total"] == pytest.approx(b["L_total"], rel=1e-6)
     assert 0.0 <= resumed["best_val_auc"] <= 1.0
-    # inference uses Ω2 on NCT, with the weights of model.pt
     pathway, phase = load_for_inference(tmp_path / "b" / "model.pt", "cpu")
     assert phase == "nct"
-    ref = torch.load(tmp_path / "b" / "model.pt", weights_only=False)["model"]
-    stem = pathway.unet.encoder._conv_stem.weight
-    assert torch.equal(stem, ref["net.omega2.unet.encoder._conv_stem.weight"])
-    assert not torch.equal(stem, ref["net.omega1.unet.encoder._conv_stem.weight"])
-    x = torch.zeros(1, 1, *P)
-    assert pathway(x).seg.shape == (1, 2, *P)
+    assert torch.equal(pathway.unet.encoder._conv_stem.weight, _weights(tmp_path / "b" / "model.pt")[STEM])
 
 
-def test_seed_determinism(cohort, tmp_path):
-    cfg = _config(epochs=1)
+STEM = "net.unet.encoder._conv_stem.weight"
+
+
+def test_seed_determinism_and_inference_pathway(cohort, tmp_path):
+    cfg = _config(epochs=1, steps_per_epoch=1)
     runs = {}
     for name, seed in [("a", 0), ("b", 0), ("c", 1)]:
         cfg["train"]["seed"] = seed
-        train_variant("nct", cohort["splits"], cohort["pre"], cohort["pat"], tmp_path / name, cfg)
+        _run(cohort, tmp_path / name, cfg, variant="cpmn")
         runs[name] = _weights(tmp_path / name / "last.pt")
-    key = "net.unet.encoder._conv_stem.weight"
+    key = "net.omega2.unet.encoder._conv_stem.weight"
     assert all(torch.equal(runs["a"][k], runs["b"][k]) for k in runs["a"])
     assert not torch.equal(runs["a"][key], runs["c"][key])
+    # inference uses Ω2 on NCT, with the weights of model.pt
+    pathway, phase = load_for_inference(tmp_path / "a" / "model.pt", "cpu")
+    assert phase == "nct"
+    stem = pathway.unet.encoder._conv_stem.weight
+    assert torch.equal(stem, runs["a"][key])
+    assert not torch.equal(stem, runs["a"]["net.omega1.unet.encoder._conv_stem.weight"])
+    assert pathway(torch.zeros(1, 1, *P)).seg.shape == (1, 2, *P)
 
 
 def test_every_variant_builds_and_runs_one_step(cohort):
@@ -217,8 +239,21 @@ def test_cli_reports_bad_input(cohort, tmp_path, capsys):
     from cpmn.cli import main
 
     rc = main(
-        ["train", "--config", str(ROOT / "config" / "config.yaml"), "--variant", "nct", "--splits", str(tmp_path / "nope.tsv"), "--preprocessed-dir",
-         str(cohort["pre"]), "--patches-dir", str(cohort["pat"]), "--out-dir", str(tmp_path / "o")]
+        [
+            "train",
+            "--config",
+            str(ROOT / "config" / "config.yaml"),
+            "--variant",
+            "nct",
+            "--splits",
+            str(tmp_path / "nope.tsv"),
+            "--preprocessed-dir",
+            str(cohort["pre"]),
+            "--patches-dir",
+            str(cohort["pat"]),
+            "--out-dir",
+            str(tmp_path / "o"),
+        ]
     )
     assert rc == 1
     assert "ERROR patient ?:" in capsys.readouterr().err

@@ -68,7 +68,7 @@ def load_patient(pid: str, preprocessed_dir: str | Path) -> dict[str, np.ndarray
 
 
 def load_bank(pid: str, patches_dir: str | Path, shape: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
-    """``centres`` (K, 3) int64 and ``positive`` (K,) bool of one patient's bank, checked against ``shape``."""
+    """``centres`` (K, 3) int64 and ``positive`` (K,) bool of one patient's bank, checked against shape."""
     path = Path(patches_dir) / f"{pid}.npz"
     if not path.is_file():
         raise InputError(pid, path, "patch bank not found")

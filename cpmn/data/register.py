@@ -22,7 +22,8 @@ full-resolution, unclipped images):
 Outputs in ``D``: ``ctpa_in_nct.nii.gz`` (linear interpolation, air (-1024 HU) outside the CTPA field of
 view), ``mask_in_nct.nii.gz`` (uint8, ``genericLabel`` interpolation), ``transforms/`` (the forward affine
 ``0GenericAffine.mat``, the forward warp ``1Warp.nii.gz``, its inverse ``1InverseWarp.nii.gz`` and
-``transforms.json`` naming the forward and inverse lists as ``ants.apply_transforms`` takes them) and ``qc.json``.
+``transforms.json`` naming the forward and inverse lists as ``ants.apply_transforms`` takes them) and
+``qc.json``.
 
 antspyx is imported lazily, after the thread count and random seed are put into the environment, and no
 function that downloads data (``ants.get_data``) is ever called.
@@ -240,15 +241,19 @@ def register_patient(
         identity = ants.resample_image_to_target(moving, fixed, interp_type="linear")
         jac_min, folding_pct = _jacobian_qc(fixed_r, fwd)
 
-        # --- QC on the NCT grid: body mask of the NCT, HU-windowed intensities
+        # --- QC on the NCT grid: HU-windowed intensities over the NCT body mask, restricted to voxels that
+        # both the identity-resampled and the warped CTPA actually cover (outside its field of view the two
+        # resamplings fill different values, which would bias the comparison)
+        ones = moving.new_image_like(np.ones(moving.shape, dtype=np.float32))
+        fov_id = ants.resample_image_to_target(ones, fixed, interp_type="linear").numpy() > 0.999
+        fov_w = ants.apply_transforms(
+            fixed=fixed, moving=ones, transformlist=fwd, interpolator="linear"
+        ).numpy()
         lo, hi = float(hu_clip[0]), float(hu_clip[1])
         f_arr = np.clip(fixed.numpy(), lo, hi)
-        body = body_mask(fixed.numpy(), float(p["body_threshold_hu"]))
-        # identity resampling leaves 0 outside the CTPA field of view: treat it as air like the warp does
-        id_arr = identity.numpy()
-        id_arr[~np.isfinite(id_arr)] = AIR_HU
-        ncc_before = ncc(f_arr, np.clip(id_arr, lo, hi), body)
-        ncc_after = ncc(f_arr, np.clip(warped.numpy(), lo, hi), body)
+        where = body_mask(fixed.numpy(), float(p["body_threshold_hu"])) & fov_id & (fov_w > 0.999)
+        ncc_before = ncc(f_arr, np.clip(identity.numpy(), lo, hi), where)
+        ncc_after = ncc(f_arr, np.clip(warped.numpy(), lo, hi), where)
         mask_arr = (warped_mask.numpy() > 0.5).astype(np.uint8)
         qc = {
             "patient_id": patient_id,
@@ -259,6 +264,7 @@ def register_patient(
             "seconds": 0.0,
             "dice_truth": dice(mask_arr, truth) if truth is not None else float("nan"),
             "transform": p["type_of_transform"],
+            "ncc_voxels": int(where.sum()),
             "mask_voxels_ctpa": int((mask_img.numpy() > 0.5).sum()),
             "mask_voxels_nct": int(mask_arr.sum()),
             "reg_spacing": list(fixed_r.spacing),
@@ -330,8 +336,9 @@ def run(args: argparse.Namespace) -> int:
     except InputError as err:
         return report(err)
     print(
-        f"{qc['patient_id']}: NCC {qc['ncc_before']:.3f} -> {qc['ncc_after']:.3f}, jac_min {qc['jac_min']:.3f}, "
-        f"folding {qc['folding_pct']:.3f}%, Dice(truth) {qc['dice_truth']:.3f}, {qc['seconds']:.1f} s"
+        f"{qc['patient_id']}: NCC {qc['ncc_before']:.3f} -> {qc['ncc_after']:.3f}, "
+        f"jac_min {qc['jac_min']:.3f}, folding {qc['folding_pct']:.3f}%, "
+        f"Dice(truth) {qc['dice_truth']:.3f}, {qc['seconds']:.1f} s"
     )
     return 0
 
@@ -342,6 +349,7 @@ def synthetic_pair(
     shift_mm: tuple[float, float, float] = (5.0, -4.0, 3.0),
     rot_deg: float = 4.0,
     warp_mm: float = 2.5,
+    clot_radius_mm: tuple[float, float] = (9.0, 7.0),
     seed: int = 0,
 ) -> dict[str, np.ndarray]:
     """A synthetic chest-like NCT/CTPA pair with a known misalignment (for tests and benchmarks).
@@ -381,7 +389,7 @@ def synthetic_pair(
         blood = 400.0 if contrast else 45.0
         hu[heart] = blood
         clot = np.zeros(pts.shape[:-1], dtype=bool)
-        for sx, r_clot, zc in ((-0.22, 9.0, 0.2), (0.22, 7.0, -0.15)):
+        for sx, r_clot, zc in ((-0.22, clot_radius_mm[0], 0.2), (0.22, clot_radius_mm[1], -0.15)):
             vessel = ((u[..., 0] - sx) / 0.06) ** 2 + ((u[..., 1] + 0.1) / 0.06) ** 2 < 1
             vessel &= np.abs(u[..., 2]) < 0.6
             hu[vessel] = blood

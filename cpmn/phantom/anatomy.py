@@ -78,6 +78,7 @@ class Anatomy:
     arteries: list[Segment]
     veins: list[Segment]
     mimics: list[dict] = field(default_factory=list)
+    _lattice: object = field(default=None, repr=False)
 
     def summary(self) -> dict:
         """JSON-friendly description (for truth.json)."""
@@ -156,10 +157,11 @@ def diaphragm_z(an: Anatomy, x, y) -> np.ndarray:
     """Height (mm) of the diaphragm under (x, y): two domes, lower laterally and posteriorly."""
     u = (x - an.cx) / an.ac
     v = (y - an.cy) / an.bc
-    right = u > 0  # RAS: +x is the patient's right
-    dome = np.where(right, an.z_dome_r, an.z_dome_l)
-    lat = np.where(right, u - 0.45, u + 0.45)
-    return dome - 1.4 * an.hz * lat**2 - 0.35 * an.hz * np.clip(-v, 0, None) ** 2
+    # RAS: +x is the patient's right; the domes meet under the heart without a step
+    dome = np.maximum(
+        an.z_dome_r - 1.4 * an.hz * (u - 0.45) ** 2, an.z_dome_l - 1.4 * an.hz * (u + 0.45) ** 2
+    )
+    return dome - an.hz * (0.45 * v**2 + 0.25 * np.clip(-v, 0, None) ** 2)  # round, deepest posteriorly
 
 
 def spine_block_sdf(an: Anatomy, x, y, z) -> np.ndarray:
@@ -205,7 +207,7 @@ def mediastinum_sdf(an: Anatomy, x, y, z, caps: np.ndarray | None = None, heart=
     s = an.s
     # a central band, narrowing anteriorly (anterior junction line)
     yn = np.clip((y - an.yv) / (an.cy + an.bc - an.yv), 0, 1)
-    band = np.abs(x - (an.cx - 4 * s)) - s * (16 - 10 * yn)
+    band = np.abs(x - (an.cx - 4 * s)) - s * (15 - 12 * yn)
     band = np.maximum(band, an.yv - y)  # anterior to the spine only
     hs = heart_sdf(an, x, y, z) if heart is None else heart
     med = np.minimum(band, hs - 4 * s)
@@ -265,12 +267,12 @@ def sample_anatomy(
     hx, hy, hz = (float(v) for v in half_extent)
     s = min(hx, hy) / 160.0
     u = lambda lo, hi: _rng_u(rng, lo, hi)  # noqa: E731
-    a, b = u(128, 150) * s, u(90, 110) * s
+    a, b = u(128, 150) * s, u(100, 118) * s
     cx, cy = u(-6, 6) * s, u(-6, 4) * s
     t_fat, t_muscle = u(6, 20) * s, u(8, 13) * s
     wall = t_fat + t_muscle + 10 * s
     ac, bc = a - wall - 4 * s, b - wall
-    yv = cy - bc + u(20, 26) * s
+    yv = cy - 0.9 * b + u(55, 62) * s  # vertebral body centre, from the skin of the back
     an = Anatomy(
         s=s,
         hz=hz,
@@ -306,9 +308,12 @@ def sample_anatomy(
     an.z_dome_l = an.z_dome_r - u(8, 22) * s
     yf = yv + an.rv_y  # front of the vertebral body
     # heart: anterior-left, resting on the left dome
-    an.heart_c = np.array([cx - u(12, 26) * s, yf + u(58, 70) * s, -hz * u(0.35, 0.5)])
-    an.heart_ax = np.array([u(52, 62) * s, u(40, 48) * s, u(48, 58) * s])
+    an.heart_ax = np.array([u(48, 57) * s, u(38, 45) * s, u(40, 48) * s])
+    heart_z = an.z_dome_l + an.heart_ax[2] * u(0.7, 0.85)  # resting on the left dome
     an.heart_rot = np.deg2rad(u(-40, -25))
+    hy = float(np.hypot(an.heart_ax[0] * np.sin(an.heart_rot), an.heart_ax[1] * np.cos(an.heart_rot)))
+    heart_y = min(yf + u(58, 70) * s, cy + bc - hy - u(3, 8) * s)  # behind the anterior chest wall
+    an.heart_c = np.array([cx - u(12, 26) * s, heart_y, heart_z])
     hc = an.heart_c
     an.chambers = {
         "RV": (hc + np.array([u(6, 14), u(16, 22), u(-4, 4)]) * s, u(24, 30) * s),
@@ -318,7 +323,7 @@ def sample_anatomy(
     }
     # aorta: ascending (right-anterior), arch, descending (left of the spine)
     z_arch = hz * u(0.62, 0.8)
-    asc0 = np.array([cx + u(8, 14) * s, yf + u(52, 62) * s, hc[2] + 30 * s])
+    asc0 = np.array([cx + u(8, 14) * s, min(yf + u(52, 62) * s, cy + bc - 30 * s), hc[2] + 30 * s])
     asc1 = np.array([asc0[0] + u(-3, 3) * s, asc0[1] - u(0, 6) * s, z_arch])
     des0 = np.array([cx - u(20, 26) * s, yv + u(8, 14) * s, z_arch])
     des1 = np.array([des0[0] + u(-3, 3) * s, des0[1] + u(-2, 2) * s, -1.6 * hz])
@@ -345,7 +350,11 @@ def sample_anatomy(
     ]
     an.esophagus = [
         Segment(
-            np.array([cx - 6 * s, yf + 4 * s, 1.5 * hz]), np.array([cx - 12 * s, yf + 8 * s, -hz]), 6.5 * s, -1, "C"
+            np.array([cx - 6 * s, yf + 4 * s, 1.5 * hz]),
+            np.array([cx - 12 * s, yf + 8 * s, -hz]),
+            6.5 * s,
+            -1,
+            "C",
         )
     ]
     # pulmonary trunk from the right-ventricular outflow, bifurcating below the carina
@@ -364,9 +373,8 @@ def sample_anatomy(
         Segment(rpa_mid, h_r, r_rpa, 1, "R", 1),
     ]
     # territories: points inside each lung
-    box = rng.uniform(-1, 1, size=(40000, 3)) * np.array([hx, hy, hz])
-    inside = lung_sdf(an, box[:, 0], box[:, 1], box[:, 2]) < -3 * s
-    pts = box[inside]
+    an._lattice = _LungLattice(an, np.array([hx, hy, hz]), 5.0 * s)
+    pts = an._lattice.points(rng, -3 * s)
     side = lung_side(an, pts[:, 0])
     for sd, hilum, parent, r0 in (("R", h_r, 3, r_rpa), ("L", h_l, 2, r_lpa)):
         terr = pts[side == sd][:territory_points]
@@ -388,8 +396,32 @@ def sample_anatomy(
     return an
 
 
+class _LungLattice:
+    """The lung signed distance tabulated on a coarse lattice (``step`` mm), for growing the trees fast."""
+
+    def __init__(self, an: Anatomy, half: np.ndarray, step: float):
+        self.lo = -half
+        self.step = step
+        axes = [np.arange(-h, h + step / 2, step, dtype=np.float32) for h in half]
+        x, y, z = np.meshgrid(*axes, indexing="ij")
+        self.sdf = lung_sdf(an, x, y, z)
+        self.xyz = np.stack([x, y, z], -1)
+
+    def points(self, rng: np.random.Generator, below: float) -> np.ndarray:
+        """Lattice points deeper than ``below`` mm in the lung, jittered and shuffled: (N, 3)."""
+        p = self.xyz[self.sdf < below].astype(float)
+        p += rng.uniform(-0.5, 0.5, p.shape) * self.step
+        return p[rng.permutation(len(p))]
+
+    def inside(self, p: np.ndarray) -> np.ndarray:
+        idx = np.rint((p - self.lo) / self.step).astype(int)
+        ok = np.all((idx >= 0) & (idx < self.sdf.shape), axis=-1)
+        idx = np.clip(idx, 0, np.array(self.sdf.shape) - 1)
+        return ok & (self.sdf[idx[..., 0], idx[..., 1], idx[..., 2]] < 0)
+
+
 def _inside_lung(an: Anatomy, p: np.ndarray) -> np.ndarray:
-    return lung_sdf(an, p[..., 0], p[..., 1], p[..., 2]) < 0
+    return an._lattice.inside(p)
 
 
 def _enter_lung(an, segs, start, terr, r, parent, side, gen):
@@ -397,8 +429,8 @@ def _enter_lung(an, segs, start, terr, r, parent, side, gen):
     c = terr.mean(axis=0)
     ts = np.linspace(0, 1, 41)
     line = start[None, :] + ts[:, None] * (c - start)[None, :]
-    d = lung_sdf(an, line[:, 0], line[:, 1], line[:, 2])
-    inside = np.flatnonzero(d < -4 * an.s)
+    inside = np.flatnonzero(_inside_lung(an, line))
+    inside = inside[inside >= 2] if len(inside) > 2 else inside
     if len(inside) == 0 or inside[0] == 0:
         return start, parent
     end = line[inside[0]]

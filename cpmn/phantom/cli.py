@@ -11,7 +11,9 @@ from cpmn.errors import InputError, report
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="cohort folder (cohort.tsv, dicom/, masks/, truth/ ...)")
-    parser.add_argument("--patients", type=int, default=None, help="number of patients (overrides the config)")
+    parser.add_argument(
+        "--patients", type=int, default=None, help="number of patients (overrides the config)"
+    )
     parser.add_argument("--seed", type=int, default=None, help="cohort seed (overrides the config)")
     parser.add_argument("--no-montage", action="store_true", help="skip montage.png")
     parser.add_argument("--quiet", action="store_true", help="no per-patient progress lines")

@@ -141,10 +141,8 @@ def grids(p: dict, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     return nct, ctpa
 
 
-
-
 def _dicom_view(vol: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The (volume, affine) to hand to ``write_series`` so that dcm2niix (which flips rows) returns ``vol``."""
+    """(volume, affine) for ``write_series`` such that dcm2niix (which flips rows) returns ``vol``."""
     ny = vol.shape[1]
     flip = np.eye(4)
     flip[1, 1], flip[1, 3] = -1.0, ny - 1
@@ -263,6 +261,7 @@ def generate_patient(
         "nct_grid": {"affine": nct_aff.tolist(), "shape": list(shape)},
         "ctpa_grid": {"affine": ctpa_aff.tolist(), "shape": list(shape)},
         "phase_hu": {k: {n: round(v, 2) for n, v in t.items()} for k, t in phases.items()},
+        "coordinates": "world RAS+ mm = the NCT frame; NCT voxel = inv(nct_grid.affine) @ point",
         "clots": clot_truth,
         "mask_voxels": {"nct": int(mask_n.sum()), "ctpa": int(mask_c.sum())},
         "misalignment": {**motion, "convention": DISPLACEMENT_CONVENTION},
@@ -295,7 +294,15 @@ def generate_patient(
             aff = nct_aff.copy()
             aff[:3, 2] *= 2
             aff[:3, 3] += nct_aff[:3, 2] / 2
-            todo.append(("thick", np.rint(thick).astype(np.int16), aff, 2 * float(sp[2]), ("DERIVED", "SECONDARY", "AXIAL")))
+            todo.append(
+                (
+                    "thick",
+                    np.rint(thick).astype(np.int16),
+                    aff,
+                    2 * float(sp[2]),
+                    ("DERIVED", "SECONDARY", "AXIAL"),
+                )
+            )
         elif series["extra"] == "localizer":
             proj = nct_clean.mean(axis=1)[:, ::-1]  # (X, Z): rows from superior to inferior
             img = np.rint(proj)[:, :, None].astype(np.int16)
@@ -311,7 +318,7 @@ def generate_patient(
             if role in ("nct", "ctpa"):
                 v, a = _dicom_view(vol, aff)
             else:
-                v, a = (_dicom_view(vol, aff) if role == "thick" else (vol, aff))
+                v, a = _dicom_view(vol, aff) if role == "thick" else (vol, aff)
             files = write_series(
                 v,
                 a,
@@ -393,7 +400,13 @@ def synthetic_readers(truths: list[dict], n_readers: int, seed: int) -> pd.DataF
                     pr = sens / 2
             else:
                 pr = 1 - spec
-            rows.append({"reader": f"synthetic_reader_{r + 1}", "patient_id": t["patient_id"], "decision": int(rng.uniform() < pr)})
+            rows.append(
+                {
+                    "reader": f"synthetic_reader_{r + 1}",
+                    "patient_id": t["patient_id"],
+                    "decision": int(rng.uniform() < pr),
+                }
+            )
     return pd.DataFrame(rows, columns=["reader", "patient_id", "decision"])
 
 
@@ -401,7 +414,9 @@ def synthetic_readers(truths: list[dict], n_readers: int, seed: int) -> pd.DataF
 # the cohort
 
 
-def generate_cohort(out_dir: str | Path, params: dict | None = None, *, progress: bool = False) -> pd.DataFrame:
+def generate_cohort(
+    out_dir: str | Path, params: dict | None = None, *, progress: bool = False
+) -> pd.DataFrame:
     """Write the whole synthetic cohort into ``out_dir`` (layout: docs/contracts.md, ``synth``).
 
     Everything is generated in a temporary sibling folder and moved into place at the end, so a failure

@@ -23,7 +23,7 @@ from cpmn.phantom.anatomy import Anatomy, Segment
 
 @dataclass
 class Grid:
-    """Voxel grid: ``affine`` (4, 4) RAS+ of voxel (i, j, k), ``shape`` (3,), world points ``x, y, z`` (X, Y, Z).
+    """Voxel grid: ``affine`` (4, 4) RAS+ of voxel (i, j, k), ``shape`` (3,), sample points ``x, y, z``.
 
     ``margin`` (mm) bounds how far a voxel's sample point may be from its own centre (the displacement).
     """
@@ -215,11 +215,15 @@ def sample_mimics(rng: np.random.Generator, an: Anatomy) -> list[dict]:
             lung_pts.append(sg.p1)
     if lung_pts and rng.uniform() < 0.5:  # calcified granuloma next to a small artery
         q = lung_pts[int(rng.integers(len(lung_pts)))] + rng.normal(0, 6 * s, 3)
-        mimics.append({"kind": "calcified_granuloma", "centre_mm": q.tolist(), "radius_mm": 2.5 * s, "hu": 400.0})
+        mimics.append(
+            {"kind": "calcified_granuloma", "centre_mm": q.tolist(), "radius_mm": 2.5 * s, "hu": 400.0}
+        )
     if rng.uniform() < 0.5:  # hyperdense lymph node beside a hilar artery (looks like a hyperdense clot)
         sg = an.arteries[int(rng.choice([1, 2, 3]))]
         q = (sg.p0 + sg.p1) / 2 + A._unit(np.cross(sg.p1 - sg.p0, [0, 0, 1.0])) * (sg.r + 5 * s)
-        mimics.append({"kind": "hyperdense_node", "centre_mm": q.tolist(), "radius_mm": 5.0 * s, "hu_above_blood": 20.0})
+        mimics.append(
+            {"kind": "hyperdense_node", "centre_mm": q.tolist(), "radius_mm": 5.0 * s, "hu_above_blood": 20.0}
+        )
     return mimics
 
 
@@ -242,7 +246,7 @@ def _seg_bbox(sg: Segment, pad: float) -> tuple[np.ndarray, np.ndarray]:
 
 
 def tree_sdf(grid: Grid, segs: list[Segment], h: float, dilate: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
-    """Signed distance (mm, capped at 2h) to a union of capsules dilated by ``dilate`` mm, and the nearest one.
+    """Signed distance (mm, capped at 2h) to a union of capsules dilated by ``dilate``, and the nearest one.
 
     Each capsule is rasterised within its bounding box only. Returns (X, Y, Z) float32 and int32 (-1 far).
     """
@@ -271,6 +275,47 @@ def render(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Noise-free, unblurred HU of one phase on ``grid`` and the hard labels.
 
+    Only the bounding box of the body is rendered; the rest of the grid is air.
+
+    Returns:
+        hu: (X, Y, Z) float32 HU with partial-volume edges.
+        lumen: (X, Y, Z) bool, voxel centre (sample point) inside the pulmonary-arterial lumen.
+        clot: (X, Y, Z) uint8, 1 where the sample point lies in an embolus (always inside ``lumen``).
+    """
+    h = float(np.max(grid.spacing))
+    lo = np.array([an.cx - 1.1 * an.a - h, an.cy - 1.05 * an.b - h, -np.inf])
+    hi = np.array([an.cx + 1.1 * an.a + h, an.cy + 1.05 * an.b + h, np.inf])
+    sl = grid.box(np.where(np.isinf(lo), -1e6, lo), np.where(np.isinf(hi), 1e6, hi))
+    hu = np.full(grid.shape, hu_table["air"], dtype=np.float32)
+    lumen = np.zeros(grid.shape, dtype=bool)
+    clot = np.zeros(grid.shape, dtype=np.uint8)
+    if sl is None:
+        return hu, lumen, clot
+    shift = np.eye(4)
+    shift[:3, 3] = [s_.start for s_ in sl]
+    sub = Grid(
+        grid.affine @ shift,
+        tuple(s_.stop - s_.start for s_ in sl),
+        grid.x[sl],
+        grid.y[sl],
+        grid.z[sl],
+        grid.margin,
+    )
+    hu[sl], lumen[sl], clot[sl] = _render(an, sub, hu_table, clots, clot_hu, texture, mimics)
+    return hu, lumen, clot
+
+
+def _render(
+    an: Anatomy,
+    grid: Grid,
+    hu_table: dict[str, float],
+    clots: list[Clot],
+    clot_hu: list[float],
+    texture: TextureField,
+    mimics: list[dict],
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Noise-free, unblurred HU of one phase on ``grid`` and the hard labels.
+
     Returns:
         hu: (X, Y, Z) float32 HU with partial-volume edges.
         lumen: (X, Y, Z) bool, voxel centre (sample point) inside the pulmonary-arterial lumen.
@@ -287,14 +332,16 @@ def render(
     # muscle layer inside the subcutaneous fat (thicker posteriorly: paraspinal muscles)
     muscle = body + an.t_fat * (1 + 0.4 * np.clip((an.cy - y) / an.b, 0, 1))
     muscle = np.minimum(muscle, A.ellipse_sdf(x - an.cx, y - (an.yv - 40 * s), 42 * s, 36 * s))
-    muscle = np.maximum(muscle, body + 2 * s)
+    muscle = np.maximum(muscle, body + 0.6 * an.t_fat)
     _paint(hu, A.soft(muscle, h), t["muscle"] + 6 * fine)
     cav = A.cavity_sdf(an, x, y, z)
     _paint(hu, A.soft(cav, h), t["fat"] + 6 * fine)
     # below the diaphragm: liver (right), spleen (left)
     dz = A.diaphragm_z(an, x, y) - z
     below = np.maximum(cav + 2 * s, -dz)
-    _paint(hu, A.soft(below, h), np.where(x > an.cx, t["liver"], t["spleen"]) + 5 * fine)
+    _paint(
+        hu, A.soft(below, h), np.where(x > an.cx, np.float32(t["liver"]), np.float32(t["spleen"])) + 5 * fine
+    )
     # lungs: parenchymal texture and a dependent (posterior) density gradient
     caps = np.full(grid.shape, 2 * h, dtype=np.float32)
     for segs, margin in A.mediastinal_capsules(an):
@@ -303,7 +350,11 @@ def render(
     lung = A.lung_sdf(an, x, y, z, caps, heart)
     dep = np.clip((an.cy + 0.2 * an.bc - y) / (1.2 * an.bc), 0, 1) ** 2
     lung_hu = t["lung"] + t["lung_dependent"] * dep + 22 * fine + 14 * coarse
-    _paint(hu, A.soft(lung, h), lung_hu)
+    lung_a = A.soft(lung, h)
+    _paint(hu, lung_a, lung_hu)
+    # peripheral micro-vessels below the trees' resolution: sparse small blobs of the smooth texture
+    micro = np.clip((fine - 2.0) / 0.8, 0, 1) * lung_a
+    _paint(hu, 0.7 * micro, t["vein"])
     # ribs: tubes just outside the cavity, descending anteriorly, interrupted by costal cartilage
     ex, ey = (x - an.cx) / an.ac, (y - an.cy - 0.04 * an.bc) / an.bc
     q = np.sqrt(ex * ex + ey * ey)
@@ -330,14 +381,17 @@ def render(
     dzv = (z - an.vert_phase) - an.vert_height * np.round((z - an.vert_phase) / an.vert_height)
     disc = np.abs(dzv) < 2.5 * s
     yc = an.yv - an.rv_y - 10 * s
-    arch = np.minimum(
-        A.ellipse_sdf(x - an.cx, y - yc, 14 * s, 12 * s),
-        np.maximum(np.abs(x - an.cx) - 4 * s, np.abs(y - (yc - 22 * s)) - 16 * s),
-    )
-    arch = np.minimum(arch, np.maximum(np.abs(x - an.cx) - 30 * s, np.abs(y - yc) - 4 * s))
+    arch = A.ellipse_sdf(x - an.cx, y - yc, 13 * s, 11 * s)  # pedicles and laminae around the canal
+    # spinous process: tapering posteriorly, one per vertebra
+    tip = np.clip((yc - 8 * s - y) / (20 * s), 0, 1)
+    spin = np.maximum(np.abs(x - an.cx) - s * (4.0 - 2.0 * tip), np.abs(y - (yc - 17 * s)) - 10 * s)
+    spin = np.maximum(spin, np.abs(dzv) - 0.3 * an.vert_height)
+    arch = np.minimum(arch, spin)
+    for sgn in (-1.0, 1.0):  # transverse processes, pointing postero-laterally
+        arch = np.minimum(arch, A.ellipse_sdf(x - (an.cx + sgn * 21 * s), y - (yc - 3 * s), 10 * s, 4.5 * s))
     bone = np.minimum(vb, arch)
     _paint(hu, A.soft(bone, h), t["cortex"])
-    _paint(hu, A.soft(vb + 2 * s, h), np.where(disc, t["disc"], t["marrow"]))
+    _paint(hu, A.soft(vb + 2 * s, h), np.where(disc, np.float32(t["disc"]), np.float32(t["marrow"])))
     _paint(hu, A.soft(arch + 2 * s, h), t["marrow"])
     _paint(hu, A.soft(A.ellipse_sdf(x - an.cx, y - yc, 8 * s, 7 * s), h), t["csf"])
     # mediastinum: oesophagus, airway, heart and chambers, great vessels
@@ -411,11 +465,20 @@ class TextureField:
 
     def sample(self, grid: Grid) -> tuple[np.ndarray, np.ndarray]:
         p = self.pad
-        if np.allclose(grid.affine, self.affine) and grid.margin == 0 and tuple(grid.shape) == self.shape:
-            sl = tuple(slice(p, p + n) for n in self.shape)
-            return self.fine[sl], self.coarse[sl]
+        off = (np.linalg.inv(self.affine) @ grid.affine[:, 3])[:3]
+        if (
+            grid.margin == 0
+            and np.allclose(grid.affine[:3, :3], self.affine[:3, :3])
+            and np.allclose(off, np.rint(off))
+        ):
+            o = np.rint(off).astype(int) + p
+            if np.all(o >= 0) and np.all(o + np.array(grid.shape) <= np.array(self.fine.shape)):
+                sl = tuple(slice(int(a), int(a) + n) for a, n in zip(o, grid.shape, strict=True))
+                return self.fine[sl], self.coarse[sl]
         inv = np.linalg.inv(self.affine).astype(np.float32)
-        coords = [inv[r, 0] * grid.x + inv[r, 1] * grid.y + inv[r, 2] * grid.z + inv[r, 3] + p for r in range(3)]
+        coords = [
+            inv[r, 0] * grid.x + inv[r, 1] * grid.y + inv[r, 2] * grid.z + inv[r, 3] + p for r in range(3)
+        ]
         coords = np.stack(coords)
         return (
             ndimage.map_coordinates(self.fine, coords, order=1, mode="nearest"),
@@ -423,7 +486,9 @@ class TextureField:
         )
 
 
-def scanner(hu: np.ndarray, spacing, blur_sigma_mm: float, noise_sd: float, rng: np.random.Generator) -> np.ndarray:
+def scanner(
+    hu: np.ndarray, spacing, blur_sigma_mm: float, noise_sd: float, rng: np.random.Generator
+) -> np.ndarray:
     """Gaussian point-spread (sigma in mm) plus correlated noise of SD ``noise_sd`` HU, rounded to int16."""
     out = hu
     if blur_sigma_mm > 0:
@@ -461,7 +526,7 @@ def smooth_field(rng: np.random.Generator, shape, terms: int = 6, max_cycles: fl
 
 
 def _displacement(pts, centre, angles, trans, nr):
-    """``T(y) - y`` per component for points ``pts`` (3 arrays) and non-rigid displacement ``nr`` (3 arrays)."""
+    """``T(y) - y`` per component for points ``pts`` and non-rigid displacement ``nr`` (3 arrays each)."""
     rot = _rotation(angles)
     q = [pts[c] + nr[c] - float(centre[c]) for c in range(3)]
     return [
@@ -501,7 +566,9 @@ def misalignment(
     for _ in range(8):
         if max_mm <= 0:
             break
-        u = _displacement([p[sub] for p in pts], centre, angles * k, trans * k, [f[sub] * k for f in nonrigid])
+        u = _displacement(
+            [p[sub] for p in pts], centre, angles * k, trans * k, [f[sub] * k for f in nonrigid]
+        )
         m = _norm(u)
         if m == 0 or abs(m - target) < 1e-4 * max_mm:
             break

@@ -1,0 +1,159 @@
+"""Benchmark one training step of the single and the dual pathway, and the patch loader against it.
+
+Usage: ``.venv/bin/python benchmarks/train_step.py [--steps 5] [--threads N] [--json OUT]``
+
+Prints, from one run: the step time (forward, Eq. 5 loss, backward, Adam step) of the single pathway
+(variant ``nct``) and of the dual pathway (variant ``cpmn``) at the default CPU patch 64x64x32 with batch 2
+and their ratio (goal: dual <= 2.1x single); the loader's patches/s (``PatchDataset`` over fake patients of
+the phantom's preprocessed size, MONAI crops and augmentation) against the trainer's consumption
+(batch / dual step time; goal >= 3x). With CUDA also the bf16 dual step time and peak memory at the paper's
+224x224x96 with batch 6 (halved until it fits).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+
+from cpmn.data.dataset import PatchDataset
+from cpmn.variants import build_variant
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def fake_batch(size, batch, device):
+    g = torch.Generator().manual_seed(0)
+    b = {k: torch.rand(batch, 1, *size, generator=g) for k in ("ctpa", "nct")}
+    mask = torch.zeros(batch, 1, *size)
+    mask[
+        0, :, size[0] // 2 - 4 : size[0] // 2 + 4, size[1] // 2 - 4 : size[1] // 2 + 4, size[2] // 2 - 3 :
+    ] = 1
+    b["mask"] = mask
+    b["label"] = (mask.flatten(1).amax(1) > 0).float()
+    return {k: v.to(device) for k, v in b.items()}
+
+
+def step_time(variant, cfg, size, batch, steps, warmup, device, amp_dtype=None):
+    """(median, min) seconds of one optimiser step and peak CUDA memory (GiB, NaN on CPU).
+
+    The minimum is the better estimate on a machine shared with other jobs."""
+    torch.manual_seed(0)
+    model, loss_fn = build_variant(variant, cfg)
+    model.to(device).train()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    b = fake_batch(size, batch, device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    for i in range(warmup + steps):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+            out = model(b)
+        total, _ = loss_fn(out, b["mask"], b["label"])
+        opt.zero_grad(set_to_none=True)
+        total.backward()
+        opt.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+    peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
+    del model, opt
+    return statistics.median(times), min(times), peak
+
+
+def loader_rate(size, n_samples=48, patients=4, shape=(128, 128, 80)):
+    """Patches per second of ``PatchDataset`` (num_workers = 0) over fake preprocessed patients."""
+    rng = np.random.default_rng(0)
+    with tempfile.TemporaryDirectory() as tmp:
+        pre, pat = Path(tmp, "pre"), Path(tmp, "pat")
+        pre.mkdir()
+        pat.mkdir()
+        ids = []
+        for k in range(patients):
+            pid = f"b{k}"
+            mask = np.zeros(shape, np.uint8)
+            mask[60:70, 60:70, 30:40] = k % 2
+            vol = rng.random(shape, dtype=np.float32)
+            np.savez_compressed(pre / f"{pid}.npz", nct=vol, ctpa=vol, mask=mask, label=np.array(k % 2))
+            centres = rng.integers(0, shape, size=(24, 3))
+            positive = np.zeros(24, bool)
+            if k % 2:
+                centres[:12] = [65, 65, 35]
+                positive[:12] = True
+            np.savez(pat / f"{pid}.npz", centres=centres, positive=positive, size=np.array(size))
+            ids.append(pid)
+        t0 = time.perf_counter()
+        ds = PatchDataset(ids, pre, pat, patch_size=size, aug_prob=0.1)
+        t_load = time.perf_counter() - t0
+        loader = torch.utils.data.DataLoader(ds, batch_size=2, sampler=range(n_samples), num_workers=0)
+        t0 = time.perf_counter()
+        for _ in loader:
+            pass
+        return n_samples / (time.perf_counter() - t0), t_load / patients
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--json", default=None, help="also write the numbers to this JSON file")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cfg = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())
+    cpu = torch.device("cpu")
+    size, batch = (64, 64, 32), 2
+    res: dict[str, float] = {"threads": torch.get_num_threads()}
+    res["single_s"], res["single_min_s"], _ = step_time("nct", cfg, size, batch, args.steps, args.warmup, cpu)
+    res["dual_s"], res["dual_min_s"], _ = step_time("cpmn", cfg, size, batch, args.steps, args.warmup, cpu)
+    res["dual_over_single"] = res["dual_s"] / res["single_s"]
+    res["dual_over_single_min"] = res["dual_min_s"] / res["single_min_s"]
+    res["loader_patches_per_s"], res["npz_load_s_per_patient"] = loader_rate(size)
+    res["trainer_patches_per_s"] = batch / res["dual_s"]
+    res["loader_over_trainer"] = res["loader_patches_per_s"] / res["trainer_patches_per_s"]
+    print(f"CPU ({res['threads']} threads), patch {size}, batch {batch}, median of {args.steps} steps:")
+    print(f"  single pathway step  {res['single_s']:.3f} s (min {res['single_min_s']:.3f} s)")
+    print(
+        f"  dual pathway step    {res['dual_s']:.3f} s (min {res['dual_min_s']:.3f} s)  ratio"
+        f" {res['dual_over_single']:.2f} (min/min {res['dual_over_single_min']:.2f}; goal <= 2.1)"
+    )
+    print(
+        f"  loader {res['loader_patches_per_s']:.1f} patches/s vs trainer {res['trainer_patches_per_s']:.2f}"
+        f" patches/s: {res['loader_over_trainer']:.1f}x (goal >= 3);"
+        f" npz load {res['npz_load_s_per_patient']:.2f} s/patient"
+    )
+    if torch.cuda.is_available():
+        dev = torch.device("cuda")
+        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else None
+        big = (224, 224, 96)
+        for b in (6, 3, 2, 1):
+            try:
+                for v, key in (("nct", "cuda_single"), ("cpmn", "cuda_dual")):
+                    t, _, peak = step_time(v, cfg, big, b, args.steps, args.warmup, dev, dtype)
+                    res[f"{key}_s"], res[f"{key}_peak_gib"] = t, peak
+                res["cuda_batch"] = b
+                break
+            except torch.OutOfMemoryError:
+                torch.cuda.empty_cache()
+        print(f"CUDA {torch.cuda.get_device_name()} {dtype}, patch {big}, batch {res.get('cuda_batch')}:")
+        for key in ("cuda_single", "cuda_dual"):
+            if f"{key}_s" in res:
+                print(f"  {key} step {res[f'{key}_s']:.3f} s, peak {res[f'{key}_peak_gib']:.1f} GiB")
+    if args.json:
+        Path(args.json).write_text(json.dumps(res, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,157 @@
+"""A balanced bank of patch centres per patient.
+
+``cpmn patches --preprocessed P.npz --out results/patches/P.npz [--patient P]``
+
+The classifier's patch label is "the patch of size P around the centre contains embolus voxels". The
+bank holds ``per_patient`` centres (K, 3) (voxel indices into the preprocessed arrays):
+
+* PE patients: ``round(K * pos_fraction)`` *positive* centres drawn from embolus voxels of ``mask`` (the
+  warped annotation), spread over the clots (connected components are visited round-robin in random
+  order, then a random voxel of the clot is taken), and the rest *negative*: centres inside the body whose
+  patch contains **no** embolus voxel (we use "patch contains no emboli", the exact complement of the
+  label, rather than a distance rule).
+* Normals: all K centres negative, inside the body.
+
+Patch convention (the same as MONAI ``SpatialCrop(roi_center, roi_size)``): the patch around centre ``c``
+covers voxels ``[c - P // 2, c - P // 2 + P)`` per axis, padded where it leaves the volume. Centres may be
+anywhere in the volume: the trainer pads (MONAI ``SpatialPad``) volumes smaller than P.
+
+``positive`` (K,) is computed from that definition for every centre (a maximum filter of the mask over the
+patch footprint), not taken from how the centre was drawn. If a PE patient has fewer embolus-free patch
+positions inside the body than needed, negatives are drawn anywhere in the volume; if none exist at all,
+the bank is filled with positives and a warning is printed (the positive rate then exceeds
+``pos_fraction``).
+
+The draw is seeded by ``seed`` (the CLI derives it from ``patches.seed`` and the patient id), so a
+patient's bank is reproducible and independent of the other patients.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from scipy import ndimage
+
+from cpmn.config import add_config_arguments, resolve
+from cpmn.errors import InputError, atomic_path, report
+
+#: defaults equal to config/config.yaml ``patches``
+DEFAULTS: dict[str, Any] = {"size": [64, 64, 32], "per_patient": 24, "pos_fraction": 0.5, "seed": 0}
+
+#: used when a preprocessed file predates the hu_window / body_threshold_hu keys
+_PRE_DEFAULTS = {"hu_window": (-1000.0, 600.0), "body_threshold_hu": -500.0}
+
+
+def patient_seed(patient_id: str, seed: int = 0) -> int:
+    """A stable 63-bit seed from the config seed and the patient id (independent of Python's hash salt)."""
+    digest = hashlib.sha256(f"{int(seed)}:{patient_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+def contains_embolus(mask: np.ndarray, size) -> np.ndarray:
+    """(X, Y, Z) bool: does the patch of ``size`` (3,) centred on each voxel contain an embolus voxel?
+
+    ``scipy.ndimage.maximum_filter`` with the default origin covers offsets ``[-P//2, P - P//2)``, which is
+    exactly the patch ``[c - P//2, c - P//2 + P)``; outside the volume counts as background.
+    """
+    return ndimage.maximum_filter(mask > 0, size=tuple(int(s) for s in size), mode="constant", cval=0)
+
+
+def body_from_npz(npz: Mapping[str, Any]) -> np.ndarray:
+    """Body mask on the stored grid: NCT above the body threshold (window-normalised), bool (X, Y, Z)."""
+    lo, hi = (float(v) for v in (npz["hu_window"] if "hu_window" in npz else _PRE_DEFAULTS["hu_window"]))
+    thr_hu = (
+        float(npz["body_threshold_hu"]) if "body_threshold_hu" in npz else _PRE_DEFAULTS["body_threshold_hu"]
+    )
+    body = np.asarray(npz["nct"]) > (thr_hu - lo) / (hi - lo)
+    return body if body.any() else np.ones(body.shape, dtype=bool)
+
+
+def _pick(rng: np.random.Generator, candidates: np.ndarray, n: int) -> np.ndarray:
+    """``n`` rows of ``candidates`` (M, 3): without replacement where possible."""
+    idx = rng.choice(len(candidates), size=n, replace=n > len(candidates))
+    return candidates[np.sort(idx)] if n <= len(candidates) else candidates[idx]
+
+
+def extract_patch_bank(
+    npz: Mapping[str, Any] | str | os.PathLike, params: dict[str, Any] | None = None, seed: int = 0
+) -> dict[str, np.ndarray]:
+    """Patch centres for one preprocessed patient.
+
+    ``npz`` is a preprocessed file or its loaded mapping (needs ``nct``, ``mask``, ``label``). Returns
+    ``centres`` (K, 3) int64, ``positive`` (K,) bool (patch contains embolus voxels) and ``size`` (3,) int64.
+    """
+    p = {**DEFAULTS, **(params or {})}
+    if not isinstance(npz, Mapping) and not hasattr(npz, "files"):
+        with np.load(npz) as f:
+            npz = {k: f[k] for k in f.files}
+    size = np.asarray(p["size"], dtype=np.int64)
+    k = int(p["per_patient"])
+    mask = np.asarray(npz["mask"]) > 0
+    label = int(npz["label"])
+    rng = np.random.default_rng(seed)
+    contains = contains_embolus(mask, size)
+    body = body_from_npz(npz)
+
+    n_pos = int(round(k * float(p["pos_fraction"]))) if label == 1 and mask.any() else 0
+    parts = []
+    if n_pos:
+        lab, n_clots = ndimage.label(mask)
+        order = rng.permutation(n_clots) + 1
+        per_clot = np.bincount(np.arange(n_pos) % n_clots, minlength=n_clots)
+        for clot, n in zip(order, per_clot, strict=False):
+            if n:
+                parts.append(_pick(rng, np.argwhere(lab == clot), int(n)))
+    n_neg = k - n_pos
+    if n_neg:
+        free = ~contains
+        candidates = np.argwhere(free & body)
+        if len(candidates) < n_neg:
+            candidates = np.argwhere(free)
+        if len(candidates) == 0:
+            print(
+                f"WARNING no embolus-free patch of size {size.tolist()} exists; bank filled with positives",
+                file=sys.stderr,
+            )
+            candidates = np.argwhere(mask)
+        parts.append(_pick(rng, candidates, n_neg))
+    centres = np.concatenate(parts, axis=0).astype(np.int64) if parts else np.zeros((0, 3), np.int64)
+    positive = contains[tuple(centres.T)].astype(bool)
+    return {"centres": centres, "positive": positive, "size": size}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--preprocessed", required=True, help="preprocessed patient .npz")
+    parser.add_argument("--out", required=True, help="output .npz (centres, positive, size)")
+    parser.add_argument("--patient", default=None, help="patient id for the seed (default: the file stem)")
+    add_config_arguments(parser)
+
+
+def run(args: argparse.Namespace) -> int:
+    params = {**DEFAULTS, **resolve(args, "patches")}
+    path = Path(args.preprocessed)
+    pid = args.patient or path.name.removesuffix(".npz")
+    try:
+        try:
+            with np.load(path) as f:
+                npz = {k: f[k] for k in f.files}
+        except (OSError, ValueError) as exc:
+            raise InputError(pid, path, f"cannot read preprocessed file ({exc})") from exc
+        for key in ("nct", "mask", "label"):
+            if key not in npz:
+                raise InputError(pid, path, f"preprocessed file has no '{key}'")
+        bank = extract_patch_bank(npz, params, patient_seed(pid, params["seed"]))
+    except InputError as err:
+        return report(err)
+    with atomic_path(args.out) as tmp:
+        with open(tmp, "wb") as fh:
+            np.savez(fh, **bank)
+    print(f"{pid}: {len(bank['centres'])} centres, {int(bank['positive'].sum())} positive")
+    return 0

@@ -1,0 +1,99 @@
+"""Registration recovers a known synthetic misalignment; QC collection; bad input."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+os.environ.setdefault("ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS", "1")
+
+from cpmn.data import qc as qc_mod  # noqa: E402
+from cpmn.data.register import dice, ncc, register_patient, synthetic_pair  # noqa: E402
+from cpmn.errors import InputError  # noqa: E402
+
+
+def _write(tmp_path, pair):
+    paths = {}
+    for key in ("nct", "ctpa", "nct_mask", "ctpa_mask"):
+        paths[key] = tmp_path / f"{key}.nii.gz"
+        nib.save(nib.Nifti1Image(pair[key], pair["affine"]), paths[key])
+    return paths
+
+
+@pytest.fixture(scope="module")
+def registered(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("reg")
+    pair = synthetic_pair((48, 48, 48), 4.0, shift_mm=(8.0, -6.0, 4.0), clot_radius_mm=(14.0, 12.0), seed=0)
+    paths = _write(tmp, pair)
+    out = tmp / "D"
+    qc = register_patient(
+        paths["nct"], paths["ctpa"], paths["ctpa_mask"], out, "SYN1", truth_mask=paths["nct_mask"], threads=1
+    )
+    return pair, paths, out, qc
+
+
+def test_metrics_hand_computed():
+    a = np.zeros((4, 4, 4), np.uint8)
+    b = np.zeros((4, 4, 4), np.uint8)
+    a[:2] = 1  # 32 voxels
+    b[1:3] = 1  # 32 voxels, 16 shared
+    assert dice(a, b) == pytest.approx(0.5)
+    assert math.isnan(dice(a * 0, b * 0))
+    x = np.arange(64, dtype=float).reshape(4, 4, 4)
+    where = np.ones_like(x, bool)
+    assert ncc(x, 3 * x + 7, where) == pytest.approx(1.0)
+    assert ncc(x, -x, where) == pytest.approx(-1.0)
+
+
+def test_recovers_known_warp(registered):
+    pair, paths, out, qc = registered
+    before = dice(pair["ctpa_mask"], pair["nct_mask"])
+    assert before < 0.5  # the misalignment really hurts
+    assert qc["dice_truth"] > 0.8
+    assert qc["dice_truth"] > before + 0.25
+    assert qc["ncc_after"] > qc["ncc_before"] + 0.2
+    assert qc["folding_pct"] == 0.0 and qc["jac_min"] > 0
+    # outputs on the NCT grid; the mask is binary uint8 and matches the Dice in qc.json
+    warped = nib.load(out / "mask_in_nct.nii.gz")
+    assert warped.shape == pair["nct"].shape
+    assert warped.get_data_dtype() == np.uint8
+    np.testing.assert_allclose(warped.affine, pair["affine"], atol=1e-4)
+    assert dice(np.asarray(warped.dataobj), pair["nct_mask"]) == pytest.approx(qc["dice_truth"])
+    img = nib.load(out / "ctpa_in_nct.nii.gz").get_fdata()
+    assert img.shape == pair["nct"].shape
+    names = sorted(p.name for p in (out / "transforms").iterdir())
+    assert names == ["0GenericAffine.mat", "1InverseWarp.nii.gz", "1Warp.nii.gz", "transforms.json"]
+    on_disk = json.loads((out / "qc.json").read_text())
+    for key in ("patient_id", "ncc_before", "ncc_after", "jac_min", "folding_pct", "seconds", "dice_truth"):
+        assert key in on_disk
+    assert on_disk["dice_truth"] == pytest.approx(qc["dice_truth"])
+
+
+def test_collect_qc(registered, tmp_path, capsys):
+    _, _, out, qc = registered
+    other = dict(qc, patient_id="AAA", dice_truth=float("nan"), ncc_after=qc["ncc_before"] - 0.1)
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "qc.json").write_text(json.dumps(other))
+    table = qc_mod.collect_qc([out / "qc.json", tmp_path / "a" / "qc.json"], tmp_path / "reg.tsv")
+    assert list(table["patient_id"]) == ["AAA", "SYN1"]  # sorted
+    text = (tmp_path / "reg.tsv").read_text().splitlines()
+    assert len(text) == 3 and text[0].startswith("patient_id\t")
+    printed = capsys.readouterr().out
+    assert "NCC improved in 1/2" in printed
+    assert f"{qc['dice_truth']:.3f}" in printed  # mean over patients with truth only
+
+
+def test_bad_mask_grid_is_one_line_error(tmp_path):
+    pair = synthetic_pair((24, 24, 24), 8.0, seed=1)
+    paths = _write(tmp_path, pair)
+    nib.save(nib.Nifti1Image(pair["ctpa_mask"][:20], pair["affine"]), tmp_path / "bad_mask.nii.gz")
+    with pytest.raises(InputError, match=r"^patient P7: .*bad_mask.nii.gz: mask grid"):
+        register_patient(paths["nct"], paths["ctpa"], tmp_path / "bad_mask.nii.gz", tmp_path / "D", "P7")
+    assert not (tmp_path / "D").exists()
+    with pytest.raises(InputError, match="does not exist"):
+        register_patient(tmp_path / "nope.nii.gz", paths["ctpa"], None, tmp_path / "D", "P7")
