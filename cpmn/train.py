@@ -187,7 +187,6 @@ def train_variant(
     if min(patch_size) < 32:
         raise ValueError(f"patches.size {patch_size}: every axis must be >= 32 (the encoder's stride)")
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     epochs, spe, bs = int(tcfg["epochs"]), int(tcfg["steps_per_epoch"]), int(tcfg["batch_size"])
     total_steps = epochs * spe
     fingerprint = json.dumps(
@@ -218,6 +217,7 @@ def train_variant(
         pos_fraction=float(tcfg["pos_fraction"]),
     )
 
+    out_dir.mkdir(parents=True, exist_ok=True)
     device = resolve_device(str(tcfg["device"]))
     amp_dtype = autocast_dtype(device, bool(tcfg["amp"]))
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")

@@ -232,7 +232,7 @@ def test_missing_input_names_patient_and_file(cohort, tmp_path):
     splits.write_text("patient_id\tsplit\np0\ttrain\npX\ttrain\n")
     with pytest.raises(InputError, match=r"patient pX: .*pX\.npz: preprocessed volume not found"):
         train_variant("nct", splits, cohort["pre"], cohort["pat"], tmp_path / "out", _config())
-    assert not (tmp_path / "out" / "model.pt").exists()
+    assert not (tmp_path / "out").exists()
 
 
 def test_cli_reports_bad_input(cohort, tmp_path, capsys):

@@ -375,9 +375,9 @@ def generate_patient(
 
 
 READER_MODEL = (
-    "Synthetic readers (not real radiologists). Reader r has a base NCT sensitivity s_r ~ U(0.30, 0.50) and "
+    "Synthetic readers (not real radiologists). Reader r has a base NCT sensitivity s_r ~ U(0.25, 0.45) and "
     "a specificity sp_r ~ U(0.90, 0.95). For a PE patient the detection probability is "
-    "min(0.95, s_r + 0.20 [a visible clot is central, generation 1] + 0.10 min(1, largest visible clot "
+    "min(0.95, s_r + 0.15 [a visible clot is central, generation 1] + 0.05 min(1, largest visible clot "
     "radius / 8 mm)), halved when every clot is occult in NCT (zero contrast); a normal patient is called "
     "positive with probability 1 - sp_r. Decisions are Bernoulli draws from SeedSequence([seed, 2**31 - 2])."
 )
@@ -388,14 +388,14 @@ def synthetic_readers(truths: list[dict], n_readers: int, seed: int) -> pd.DataF
     rng = np.random.default_rng(np.random.SeedSequence([int(seed), PLAN_KEY - 1]))
     rows = []
     for r in range(n_readers):
-        sens, spec = rng.uniform(0.30, 0.50), rng.uniform(0.90, 0.95)
+        sens, spec = rng.uniform(0.25, 0.45), rng.uniform(0.90, 0.95)
         for t in truths:
             if t["label"]:
                 vis = [c for c in t["clots"] if not c["occult_in_nct"]]
                 if vis:
                     central = any(c["generation"] <= 1 for c in vis)
                     big = max(c["radius_mm"] for c in vis)
-                    pr = min(0.95, sens + 0.20 * central + 0.10 * min(1.0, big / 8.0))
+                    pr = min(0.95, sens + 0.15 * central + 0.05 * min(1.0, big / 8.0))
                 else:
                     pr = sens / 2
             else:
