@@ -1,11 +1,19 @@
 # Config validation, the cohort, and the named input functions (no lambdas in rules).
 import json
+import os
+import shutil
+import sys
 from pathlib import Path
 
 import pandas as pd
 from snakemake.utils import validate
 
 validate(config, schema="../schemas/config.schema.yaml")
+
+# The rules call the `cpmn` command; when Snakemake runs from a virtualenv that is not activated
+# (.venv/bin/snakemake), the command lies beside the interpreter.
+if shutil.which("cpmn") is None:
+    os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
 
 RES = config["results"]
 VARIANTS = list(config["variants"])
