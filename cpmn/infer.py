@@ -197,12 +197,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--ref-template", default=None, help="reference mask path with {patient}, e.g. results/registered/..."
     )
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--device", default="auto", help="auto (CUDA when available) | cpu | cuda")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     add_config_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
     cfg = resolve(args)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = args.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     infer_cfg = cfg.get("infer", {})
     patch = tuple(cfg.get("patches", {}).get("size", (64, 64, 32)))
     df = infer_split(
@@ -215,7 +221,7 @@ def run(args: argparse.Namespace) -> int:
         patch_size=patch,
         nifti_dir=args.nifti_dir,
         ref_template=args.ref_template,
-        device=args.device,
+        device=device,
     )
     print(f"{args.split}: {len(df)} patients, mean prob {df['prob'].mean():.3f} -> {args.out}")
     return 0

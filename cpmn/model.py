@@ -84,14 +84,19 @@ class Pathway(nn.Module):
         self.unet = FlexibleUNet(
             in_channels=1, out_channels=2, backbone=backbone, spatial_dims=3, pretrained=False
         )
+        # The deepest encoder map (stride 32) as a named module, so that Grad-CAM can hook the classifier's input.
+        self.deepest = nn.Identity()
         self.classifier = ClassifierHead(chans[-1], cls_hidden)
+
+    #: the Grad-CAM target layer (see cpmn.infer)
+    cam_layer = "deepest"
 
     def forward(self, x: torch.Tensor) -> PathwayOutput:
         """``x`` ``(B, 1, X, Y, Z)`` -> :class:`PathwayOutput` (shapes in its docstring)."""
         feats = self.unet.encoder(x)  # list of 5 maps, strides 2..32
         dec = self.unet.decoder(feats, self.unet.skip_connect)  # (B, 16, X, Y, Z)
         seg = self.unet.segmentation_head(dec)  # (B, 2, X, Y, Z)
-        cls = self.classifier(feats[-1])  # (B,)
+        cls = self.classifier(self.deepest(feats[-1]))  # (B,)
         return PathwayOutput(seg=seg, cls=cls, enc=feats[self.ifa_level], dec=dec)
 
 

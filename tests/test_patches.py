@@ -98,3 +98,13 @@ def test_default_size_positive_rate(frac, expected):
     assert bank["positive"].sum() == expected
     for centre, p in zip(bank["centres"], bank["positive"], strict=True):
         assert _patch_has_embolus(d["mask"], centre, (64, 64, 32)) == p
+
+
+def test_defaults_match_config_yaml():
+    from pathlib import Path
+
+    from cpmn.config import load_config
+    from cpmn.data.patches import DEFAULTS
+
+    cfg = load_config(Path(__file__).resolve().parents[1] / "config" / "config.yaml")["patches"]
+    assert DEFAULTS == cfg

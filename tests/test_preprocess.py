@@ -109,3 +109,13 @@ def test_grid_mismatch(tmp_path):
     nib.save(nib.Nifti1Image(ctpa[:30], aff), paths["ctpa"])
     with pytest.raises(InputError, match="ctpa is not on the NCT grid"):
         preprocess_patient("P4", 1, paths["nct"], paths["ctpa"], paths["mask"], tmp_path / "P4.npz")
+
+
+def test_defaults_match_config_yaml():
+    from pathlib import Path
+
+    from cpmn.config import load_config
+    from cpmn.data.preprocess import DEFAULTS
+
+    cfg = load_config(Path(__file__).resolve().parents[1] / "config" / "config.yaml")["preprocess"]
+    assert DEFAULTS == cfg

@@ -97,3 +97,13 @@ def test_bad_mask_grid_is_one_line_error(tmp_path):
     assert not (tmp_path / "D").exists()
     with pytest.raises(InputError, match="does not exist"):
         register_patient(tmp_path / "nope.nii.gz", paths["ctpa"], None, tmp_path / "D", "P7")
+
+
+def test_defaults_match_config_yaml():
+    from pathlib import Path
+
+    from cpmn.config import load_config
+    from cpmn.data.register import DEFAULTS
+
+    cfg = load_config(Path(__file__).resolve().parents[1] / "config" / "config.yaml")["register"]
+    assert DEFAULTS == cfg

@@ -70,3 +70,13 @@ def test_errors_name_the_row_and_split(tmp_path):
     back = pd.read_csv(tmp_path / "splits.tsv", sep="\t", dtype={"patient_id": str})
     assert list(back.columns[:2]) == ["patient_id", "split"]
     assert list(back["split"]) == list(out["split"])
+
+
+def test_defaults_match_config_yaml():
+    from pathlib import Path
+
+    from cpmn.config import load_config
+    from cpmn.data.split import DEFAULTS
+
+    cfg = load_config(Path(__file__).resolve().parents[1] / "config" / "config.yaml")["split"]
+    assert DEFAULTS == cfg

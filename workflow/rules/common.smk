@@ -20,7 +20,6 @@ VARIANTS = list(config["variants"])
 SYNTHETIC = config["cohort"]["source"] == "synthetic"
 SYNTH_DIR = f"{RES}/synthetic"
 GPU = int(config["resources"]["gpu"])
-DEVICE = "cuda" if GPU > 0 else "cpu"
 
 if not SYNTHETIC and not config["cohort"].get("sheet"):
     raise ValueError("config cohort.source is 'sheet' but cohort.sheet is not set")

@@ -14,7 +14,7 @@ rule infer:
         f"{RES}/benchmarks/infer/{{variant}}_{{split}}.tsv"
     conda:
         "../../envs/torch.yaml"
-    threads: 2
+    threads: 1
     resources:
         gpu=GPU,
         mem_mb=4000,
@@ -24,8 +24,7 @@ rule infer:
         nifti=f"{RES}/nifti",
         refs=ref_template,
         cfg=infer_params(),
-        device=DEVICE,
     shell:
         "cpmn infer --model {input.model} --splits {input.splits} --split {wildcards.split}"
         " --preprocessed-dir {params.pre} --nifti-dir {params.nifti} --ref-template {params.refs:q}"
-        " --out {output} --device {params.device} --params {params.cfg:q} > {log} 2>&1"
+        " --out {output} --threads {threads} --params {params.cfg:q} > {log} 2>&1"

@@ -20,7 +20,7 @@ rule train:
         f"{RES}/benchmarks/train/{{variant}}.tsv"
     conda:
         "../../envs/torch.yaml"
-    threads: 2
+    threads: 1
     resources:
         gpu=GPU,
         mem_mb=config["resources"]["train_mem_mb"],
@@ -30,8 +30,7 @@ rule train:
         pre=input_dir("preprocessed"),
         patches=input_dir("patches"),
         cfg=train_params(),
-        device=DEVICE,
     shell:
         "cpmn train --variant {wildcards.variant} --splits {input.splits} --preprocessed-dir {params.pre}"
-        " --patches-dir {params.patches} --out-dir {params.out} --device {params.device}"
+        " --patches-dir {params.patches} --out-dir {params.out} --threads {threads}"
         " --params {params.cfg:q} > {log} 2>&1"
