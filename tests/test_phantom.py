@@ -124,6 +124,17 @@ def test_dicom_bytes_identical(tmp_path):
     assert all(x.read_bytes() == y.read_bytes() for x, y in zip(fa, fb, strict=True))
 
 
+def test_parallel_generation_is_identical(tmp_path):
+    p = {**TINY, "patients": 2, "montage": False}
+    a = C.generate_cohort(tmp_path / "a", p, jobs=2)
+    b = C.generate_cohort(tmp_path / "b", p, jobs=1)
+    assert a["patient_id"].tolist() == b["patient_id"].tolist() == ["SYN0001", "SYN0002"]
+    fa = sorted(p_.relative_to(tmp_path / "a") for p_ in (tmp_path / "a").rglob("*") if p_.is_file())
+    fb = sorted(p_.relative_to(tmp_path / "b") for p_ in (tmp_path / "b").rglob("*") if p_.is_file())
+    assert fa == fb and len(fa) > 50
+    assert all((tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes() for f in fa)
+
+
 def test_clots_exactly_in_pe_patients_and_inside_lumen():
     p = {**TINY, "patients": 4, "pe_fraction": 0.5}
     plan = C.plan_cohort(p)

@@ -224,18 +224,21 @@ def register_patient(
     moving_r = registration_copy(moving, hu_clip, p["reg_spacing"])
 
     with tempfile.TemporaryDirectory(prefix=f"cpmn_reg_{patient_id}_") as tmp:
-        reg = ants.registration(
-            fixed=fixed_r,
-            moving=moving_r,
-            type_of_transform=p["type_of_transform"],
-            aff_metric=p["aff_metric"],
-            syn_metric=p["syn_metric"],
-            reg_iterations=tuple(int(i) for i in p["reg_iterations"]),
-            grad_step=float(p["grad_step"]),
-            flow_sigma=float(p["flow_sigma"]),
-            total_sigma=float(p["total_sigma"]),
-            outprefix=str(Path(tmp) / "reg_"),
-        )
+        try:
+            reg = ants.registration(
+                fixed=fixed_r,
+                moving=moving_r,
+                type_of_transform=p["type_of_transform"],
+                aff_metric=p["aff_metric"],
+                syn_metric=p["syn_metric"],
+                reg_iterations=tuple(int(i) for i in p["reg_iterations"]),
+                grad_step=float(p["grad_step"]),
+                flow_sigma=float(p["flow_sigma"]),
+                total_sigma=float(p["total_sigma"]),
+                outprefix=str(Path(tmp) / "reg_"),
+            )
+        except (RuntimeError, ValueError) as exc:
+            raise InputError(patient_id, ctpa, f"antsRegistration failed ({exc})") from exc
         fwd = list(reg["fwdtransforms"])
         inv = list(reg["invtransforms"])
         warped = ants.apply_transforms(

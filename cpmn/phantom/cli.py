@@ -17,6 +17,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=None, help="cohort seed (overrides the config)")
     parser.add_argument("--no-montage", action="store_true", help="skip montage.png")
     parser.add_argument("--quiet", action="store_true", help="no per-patient progress lines")
+    parser.add_argument("--jobs", type=int, default=1, help="patients generated in parallel (processes)")
     add_config_arguments(parser)
 
 
@@ -32,7 +33,7 @@ def run(args: argparse.Namespace) -> int:
         params["montage"] = False
     t0 = time.perf_counter()
     try:
-        sheet = generate_cohort(args.out, params, progress=not args.quiet)
+        sheet = generate_cohort(args.out, params, progress=not args.quiet, jobs=args.jobs)
     except InputError as err:
         return report(err)
     n = len(sheet)

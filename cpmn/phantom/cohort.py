@@ -414,14 +414,22 @@ def synthetic_readers(truths: list[dict], n_readers: int, seed: int) -> pd.DataF
 # the cohort
 
 
+def _generate_one(args: tuple) -> dict:
+    """``generate_patient`` for a process pool: ``args`` = (out_dir, params, index, plan)."""
+    out_dir, params, index, plan = args
+    return generate_patient(out_dir, params, index, plan=plan)
+
+
 def generate_cohort(
-    out_dir: str | Path, params: dict | None = None, *, progress: bool = False
+    out_dir: str | Path, params: dict | None = None, *, progress: bool = False, jobs: int = 1
 ) -> pd.DataFrame:
     """Write the whole synthetic cohort into ``out_dir`` (layout: docs/contracts.md, ``synth``).
 
     Everything is generated in a temporary sibling folder and moved into place at the end, so a failure
     leaves no partial output. Returns the cohort sheet (``patient_id, label, study_date, nct_dicom,
     ctpa_dicom, ctpa_mask``) with an extra ``seconds`` column (generation time per patient).
+    ``jobs`` > 1 generates patients in that many processes; every patient has its own seed, so the output
+    is the same whatever ``jobs`` is.
     """
     p = resolve_params(params)
     out = Path(out_dir)
@@ -433,8 +441,14 @@ def generate_cohort(
     try:
         plan = plan_cohort(p)
         rows, truths = [], []
-        for i in range(len(plan)):
-            res = generate_patient(tmp, p, i, plan=plan)
+        if jobs > 1:
+            from concurrent.futures import ProcessPoolExecutor
+
+            with ProcessPoolExecutor(max_workers=jobs) as pool:
+                results = list(pool.map(_generate_one, [(tmp, p, i, plan) for i in range(len(plan))]))
+        else:
+            results = (generate_patient(tmp, p, i, plan=plan) for i in range(len(plan)))
+        for res in results:
             rows.append(res)
             truths.append(json.loads((tmp / "truth" / res["patient_id"] / "truth.json").read_text()))
             if progress:

@@ -16,7 +16,7 @@ rule synthesize_cohort:
         f"{RES}/benchmarks/synthesize_cohort.tsv"
     conda:
         "../../envs/dicom.yaml"
-    threads: 1
+    threads: 2
     resources:
         mem_mb=4000,
         runtime=30,
@@ -24,7 +24,7 @@ rule synthesize_cohort:
         out=output_dir("sheet"),
         cfg=section("synthetic"),
     shell:
-        "cpmn synth --out {params.out} --params {params.cfg:q} > {log} 2>&1"
+        "cpmn synth --out {params.out} --jobs {threads} --params {params.cfg:q} > {log} 2>&1"
 
 
 checkpoint screen_cohort:

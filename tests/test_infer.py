@@ -1,0 +1,123 @@
+"""Inference: sliding-window mask on the original NCT grid, centre-patch probability, Grad-CAM."""
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from cpmn.data.preprocess import preprocess_patient
+from cpmn.infer import ClassifierHead, cam_target_layer, infer_split, window_scores
+from cpmn.train import centre_patch_score
+from cpmn.variants import build_model, variant_entry
+
+P = (32, 32, 32)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _phantom_nifti(path, shape=(40, 36, 30), seed=0, clot=True):
+    """A small body: soft tissue ellipsoid at 40 HU in air, with a 'vessel' and a clot."""
+    rng = np.random.default_rng(seed)
+    x, y, z = np.meshgrid(*[np.linspace(-1, 1, s) for s in shape], indexing="ij")
+    hu = np.full(shape, -1000.0)
+    body = (x / 0.9) ** 2 + (y / 0.8) ** 2 < 1
+    hu[body] = 40 + rng.normal(0, 10, body.sum())
+    mask = ((x - 0.2) ** 2 + y**2 + z**2 < 0.05).astype(np.uint8) * int(clot)
+    affine = np.diag([-4.0, -4.0, 5.0, 1.0])  # LPS-like flips, as dcm2niix often writes
+    affine[:3, 3] = [80, 70, -60]
+    nib.save(nib.Nifti1Image(hu.astype(np.float32), affine), path / "nct.nii.gz")
+    nib.save(nib.Nifti1Image((hu + 300.0 * mask).astype(np.float32), affine), path / "ctpa.nii.gz")
+    nib.save(nib.Nifti1Image(mask, affine), path / "mask.nii.gz")
+    return affine, shape
+
+
+@pytest.fixture()
+def study(tmp_path):
+    nifti = tmp_path / "nifti"
+    pre = tmp_path / "pre"
+    pre.mkdir()
+    rows = []
+    for k, pid in enumerate(["A1", "B2"]):
+        d = nifti / pid
+        d.mkdir(parents=True)
+        affine, shape = _phantom_nifti(d, seed=k, clot=k == 0)
+        preprocess_patient(
+            pid, 1 - k, d / "nct.nii.gz", d / "ctpa.nii.gz", d / "mask.nii.gz", pre / f"{pid}.npz",
+            params={"spacing": [4.0, 4.0, 5.0]}, truth_mask=d / "mask.nii.gz",
+        )
+        rows.append({"patient_id": pid, "split": "test"})
+    splits = tmp_path / "splits.tsv"
+    pd.DataFrame(rows).to_csv(splits, sep="\t", index=False)
+    cfg = {"variants": {"nct": {"pathways": ["nct"]}}, "model": {"ifa_level": 2}}
+    entry = variant_entry("nct", cfg)
+    torch.manual_seed(0)
+    model = build_model(entry, cfg["model"])
+    ckpt = tmp_path / "model.pt"
+    torch.save({"variant": entry, "model_cfg": {"ifa_level": 2}, "model": model.state_dict()}, ckpt)
+    return {"tmp": tmp_path, "splits": splits, "pre": pre, "nifti": nifti, "ckpt": ckpt, "affine": affine,
+            "shape": shape, "model": model}
+
+
+def test_infer_writes_contract_and_masks_on_original_grid(study):
+    out = study["tmp"] / "pred" / "nct" / "test.tsv"
+    df = infer_split(
+        study["ckpt"], study["splits"], "test", study["pre"], out, patch_size=P,
+        nifti_dir=study["nifti"], ref_template=str(study["nifti"] / "{patient}" / "mask.nii.gz"),
+    )
+    back = pd.read_csv(out, sep="\t", dtype={"patient_id": str})
+    assert list(back.columns[:4]) == ["patient_id", "split", "label", "prob"]
+    assert back["label"].tolist() == [1, 0]
+    pathway = study["model"].pathway("nct").eval()
+    for _, row in back.iterrows():
+        npz = np.load(study["pre"] / f"{row.patient_id}.npz")
+        # the probability is the classifier on the centre patch
+        assert row.prob == pytest.approx(centre_patch_score(pathway, npz["nct"], P, "cpu"), abs=1e-5)
+        mask = nib.load(out.parent / row["mask"])
+        assert mask.shape == study["shape"]
+        np.testing.assert_allclose(mask.affine, study["affine"], atol=1e-5)
+        cam = nib.load(out.parent / row["cam"]).get_fdata()
+        assert cam.shape == study["shape"] and 0.0 <= cam.min() and cam.max() <= 1.0 + 1e-6
+        assert (out.parent / row["image"]).resolve() == (study["nifti"] / row.patient_id / "nct.nii.gz").resolve()
+        assert (out.parent / row["ref_mask"]).exists()
+    assert len(df) == 2
+
+
+def test_sliding_window_mask_equals_direct_forward_when_volume_is_one_window(study, tmp_path):
+    """With a volume exactly P, the sliding window is one forward pass: the mask is its arg-max."""
+    pathway = study["model"].pathway("nct").eval()
+    vol = torch.rand(1, 1, *P)
+    from monai.inferers import sliding_window_inference
+
+    from cpmn.infer import SegmentationHead
+
+    with torch.no_grad():
+        sw = sliding_window_inference(vol, P, 1, SegmentationHead(pathway), overlap=0.25, mode="gaussian")
+        direct = pathway(vol).seg
+    torch.testing.assert_close(sw, direct, atol=1e-5, rtol=1e-4)
+
+
+def test_max_score_is_at_least_every_window(study):
+    pathway = study["model"].pathway("nct").eval()
+    vol = torch.rand(1, 1, 64, 32, 32)
+    best = window_scores(pathway, vol, P, overlap=0.0)
+    with torch.no_grad():
+        left = float(torch.sigmoid(pathway(vol[..., :32, :, :]).cls))
+        right = float(torch.sigmoid(pathway(vol[..., 32:, :, :]).cls))
+    assert best == pytest.approx(max(left, right), abs=1e-6)
+
+
+def test_cam_target_is_the_classifier_input(study):
+    head = ClassifierHead(study["model"].pathway("nct")).eval()
+    name = cam_target_layer(head)
+    seen = {}
+    layer = dict(head.named_modules())[name]
+    layer.register_forward_hook(lambda m, i, o: seen.update(shape=tuple(o.shape)))
+    head(torch.rand(1, 1, *P))
+    assert seen["shape"] == (1, 320, 1, 1, 1)  # deepest EfficientNet-B0 map, stride 32
