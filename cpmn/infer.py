@@ -80,7 +80,9 @@ def cam_target_layer(head: ClassifierHead) -> str:
     return last
 
 
-def window_scores(pathway: nn.Module, volume: torch.Tensor, patch: tuple[int, int, int], overlap: float) -> float:
+def window_scores(
+    pathway: nn.Module, volume: torch.Tensor, patch: tuple[int, int, int], overlap: float
+) -> float:
     """The maximum classifier probability over the sliding windows of ``volume`` ``(1, 1, X, Y, Z)``."""
     from monai.data.utils import dense_patch_slices, get_valid_patch_size
     from monai.transforms import SpatialPad
@@ -149,11 +151,18 @@ def infer_split(
         if write_masks:
             with torch.no_grad():
                 logits = sliding_window_inference(
-                    vol, patch, int(p["sw_batch_size"]), seg_head, overlap=float(p["overlap"]), mode="gaussian"
+                    vol,
+                    patch,
+                    int(p["sw_batch_size"]),
+                    seg_head,
+                    overlap=float(p["overlap"]),
+                    mode="gaussian",
                 )
             mask = logits.argmax(1)[0].cpu().numpy().astype(np.uint8)
             row["mask"] = _write_nifti(
-                to_original_grid(mask, npz, order=0).astype(np.uint8), orig_affine, masks_dir / f"{pid}_mask.nii.gz"
+                to_original_grid(mask, npz, order=0).astype(np.uint8),
+                orig_affine,
+                masks_dir / f"{pid}_mask.nii.gz",
             )
         if write_cams:
             cam = GradCAM(cls_head, target_layers=cam_target_layer(cls_head))

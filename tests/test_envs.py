@@ -24,8 +24,22 @@ def test_lock_pins_the_required_versions():
     assert pins["antspyx"] == "0.6.3"
     assert tuple(int(x) for x in pins["numpy"].split(".")[:2]) < (2, 4)
     assert pins["snakemake"].startswith("9.")
-    for name in ("monai", "snakemake-executor-plugin-slurm", "nibabel", "pydicom", "dcm2niix", "pandas",
-                 "scikit-learn", "statsmodels", "matplotlib", "scipy", "tqdm", "pytest", "ruff", "snakefmt"):
+    for name in (
+        "monai",
+        "snakemake-executor-plugin-slurm",
+        "nibabel",
+        "pydicom",
+        "dcm2niix",
+        "pandas",
+        "scikit-learn",
+        "statsmodels",
+        "matplotlib",
+        "scipy",
+        "tqdm",
+        "pytest",
+        "ruff",
+        "snakefmt",
+    ):
         assert name in pins, name
 
 
@@ -39,7 +53,9 @@ def test_env_file_pins_match_lock(env):
     for req in pip:
         m = re.fullmatch(r"([A-Za-z0-9_.-]+)==(\S+)", req)
         if m:
-            assert pins[m.group(1).lower()] == m.group(2), f"{env.name}: {req} vs lock {pins[m.group(1).lower()]}"
+            assert pins[m.group(1).lower()] == m.group(2), (
+                f"{env.name}: {req} vs lock {pins[m.group(1).lower()]}"
+            )
             checked += 1
     assert checked >= 5
 

@@ -49,8 +49,14 @@ def study(tmp_path):
         d.mkdir(parents=True)
         affine, shape = _phantom_nifti(d, seed=k, clot=k == 0)
         preprocess_patient(
-            pid, 1 - k, d / "nct.nii.gz", d / "ctpa.nii.gz", d / "mask.nii.gz", pre / f"{pid}.npz",
-            params={"spacing": [4.0, 4.0, 5.0]}, truth_mask=d / "mask.nii.gz",
+            pid,
+            1 - k,
+            d / "nct.nii.gz",
+            d / "ctpa.nii.gz",
+            d / "mask.nii.gz",
+            pre / f"{pid}.npz",
+            params={"spacing": [4.0, 4.0, 5.0]},
+            truth_mask=d / "mask.nii.gz",
         )
         rows.append({"patient_id": pid, "split": "test"})
     splits = tmp_path / "splits.tsv"
@@ -61,15 +67,29 @@ def study(tmp_path):
     model = build_model(entry, cfg["model"])
     ckpt = tmp_path / "model.pt"
     torch.save({"variant": entry, "model_cfg": {"ifa_level": 2}, "model": model.state_dict()}, ckpt)
-    return {"tmp": tmp_path, "splits": splits, "pre": pre, "nifti": nifti, "ckpt": ckpt, "affine": affine,
-            "shape": shape, "model": model}
+    return {
+        "tmp": tmp_path,
+        "splits": splits,
+        "pre": pre,
+        "nifti": nifti,
+        "ckpt": ckpt,
+        "affine": affine,
+        "shape": shape,
+        "model": model,
+    }
 
 
 def test_infer_writes_contract_and_masks_on_original_grid(study):
     out = study["tmp"] / "pred" / "nct" / "test.tsv"
     df = infer_split(
-        study["ckpt"], study["splits"], "test", study["pre"], out, patch_size=P,
-        nifti_dir=study["nifti"], ref_template=str(study["nifti"] / "{patient}" / "mask.nii.gz"),
+        study["ckpt"],
+        study["splits"],
+        "test",
+        study["pre"],
+        out,
+        patch_size=P,
+        nifti_dir=study["nifti"],
+        ref_template=str(study["nifti"] / "{patient}" / "mask.nii.gz"),
     )
     back = pd.read_csv(out, sep="\t", dtype={"patient_id": str})
     assert list(back.columns[:4]) == ["patient_id", "split", "label", "prob"]
@@ -84,7 +104,9 @@ def test_infer_writes_contract_and_masks_on_original_grid(study):
         np.testing.assert_allclose(mask.affine, study["affine"], atol=1e-5)
         cam = nib.load(out.parent / row["cam"]).get_fdata()
         assert cam.shape == study["shape"] and 0.0 <= cam.min() and cam.max() <= 1.0 + 1e-6
-        assert (out.parent / row["image"]).resolve() == (study["nifti"] / row.patient_id / "nct.nii.gz").resolve()
+        assert (out.parent / row["image"]).resolve() == (
+            study["nifti"] / row.patient_id / "nct.nii.gz"
+        ).resolve()
         assert (out.parent / row["ref_mask"]).exists()
     assert len(df) == 2
 
