@@ -84,7 +84,7 @@ class Pathway(nn.Module):
         self.unet = FlexibleUNet(
             in_channels=1, out_channels=2, backbone=backbone, spatial_dims=3, pretrained=False
         )
-        # The deepest encoder map (stride 32) as a named module, so that Grad-CAM can hook the classifier's input.
+        # The deepest encoder map (stride 32) as a named module: Grad-CAM hooks the classifier input here.
         self.deepest = nn.Identity()
         self.classifier = ClassifierHead(chans[-1], cls_hidden)
 

@@ -1,4 +1,4 @@
-"""The Snakemake workflow: the DAG builds, the config is validated, and (slow) the tiny study runs end to end."""
+"""The Snakemake workflow: the DAG builds, the config is validated, the tiny study runs (slow)."""
 
 import os
 import shutil
