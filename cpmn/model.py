@@ -72,9 +72,19 @@ class Pathway(nn.Module):
         backbone: FlexibleUNet backbone name (``efficientnet-b0`` in the paper).
         ifa_level: 0-based index of the encoder map returned as ``enc`` (for IFA).
         cls_hidden: width of the classifier's hidden FC layer.
+        bn_momentum: momentum of every BatchNorm's running statistics. MONAI's EfficientNet uses 0.01 (the
+            TensorFlow 0.99 decay), which needs thousands of steps before the running statistics match the
+            activations; with fewer (the CPU demo trains ~50 steps) eval-mode features collapse to a constant
+            and every patient gets the same score. 0.1 (PyTorch's default) converges within ~50 steps.
     """
 
-    def __init__(self, backbone: str = "efficientnet-b0", ifa_level: int = 2, cls_hidden: int = 128):
+    def __init__(
+        self,
+        backbone: str = "efficientnet-b0",
+        ifa_level: int = 2,
+        cls_hidden: int = 128,
+        bn_momentum: float | None = 0.1,
+    ):
         super().__init__()
         chans = encoder_channels(backbone)
         if not 0 <= ifa_level < len(chans):
@@ -87,6 +97,10 @@ class Pathway(nn.Module):
         # The deepest encoder map (stride 32) as a named module: Grad-CAM hooks the classifier input here.
         self.deepest = nn.Identity()
         self.classifier = ClassifierHead(chans[-1], cls_hidden)
+        if bn_momentum is not None:
+            for m in self.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.momentum = float(bn_momentum)
 
     #: the Grad-CAM target layer (see cpmn.infer)
     cam_layer = "deepest"
@@ -110,10 +124,16 @@ class DualOutput(NamedTuple):
 class DualPathway(nn.Module):
     """Ω1 (``omega1``) on CTPA and Ω2 (``omega2``) on NCT: the same architecture with separate weights."""
 
-    def __init__(self, backbone: str = "efficientnet-b0", ifa_level: int = 2, cls_hidden: int = 128):
+    def __init__(
+        self,
+        backbone: str = "efficientnet-b0",
+        ifa_level: int = 2,
+        cls_hidden: int = 128,
+        bn_momentum: float | None = 0.1,
+    ):
         super().__init__()
-        self.omega1 = Pathway(backbone, ifa_level, cls_hidden)
-        self.omega2 = Pathway(backbone, ifa_level, cls_hidden)
+        self.omega1 = Pathway(backbone, ifa_level, cls_hidden, bn_momentum)
+        self.omega2 = Pathway(backbone, ifa_level, cls_hidden, bn_momentum)
 
     def forward(self, ctpa: torch.Tensor, nct: torch.Tensor) -> DualOutput:
         """``ctpa``, ``nct`` ``(B, 1, X, Y, Z)`` (CTPA already registered to NCT) -> :class:`DualOutput`."""

@@ -29,6 +29,7 @@ MODEL_DEFAULTS: dict[str, Any] = {
     "ifa_level": 2,
     "ifa_alpha": 2,
     "ifa_beta": 2,
+    "bn_momentum": 0.1,
 }
 PHASES = ("ctpa", "nct")
 
@@ -65,11 +66,13 @@ class VariantModel(nn.Module):
     ``{phase: PathwayOutput}`` for the variant's phases.
     """
 
-    def __init__(self, phases: list[str], backbone: str, ifa_level: int):
+    def __init__(self, phases: list[str], backbone: str, ifa_level: int, bn_momentum: float | None = 0.1):
         super().__init__()
         self.phases = tuple(phases)
         self.net: nn.Module = (
-            DualPathway(backbone, ifa_level) if len(self.phases) == 2 else Pathway(backbone, ifa_level)
+            DualPathway(backbone, ifa_level, bn_momentum=bn_momentum)
+            if len(self.phases) == 2
+            else Pathway(backbone, ifa_level, bn_momentum=bn_momentum)
         )
 
     def pathway(self, phase: str) -> Pathway:
@@ -90,7 +93,9 @@ class VariantModel(nn.Module):
 def build_model(entry: Mapping[str, Any], model_cfg: Mapping[str, Any]) -> VariantModel:
     """The :class:`VariantModel` of a normalised variant entry and the ``model:`` section."""
     m = {**MODEL_DEFAULTS, **model_cfg}
-    return VariantModel(list(entry["pathways"]), entry["backbone"], int(m["ifa_level"]))
+    return VariantModel(
+        list(entry["pathways"]), entry["backbone"], int(m["ifa_level"]), float(m["bn_momentum"])
+    )
 
 
 def build_loss(entry: Mapping[str, Any], model_cfg: Mapping[str, Any]) -> L_Total:

@@ -87,3 +87,25 @@ def test_classification_loss_does_train_omega1(x):
     L_clas()(out.ctpa.cls, torch.ones(1)).backward()
     assert _nonzero(dual.omega1.unet.encoder._conv_stem.weight.grad)
     assert dual.omega2.unet.encoder._conv_stem.weight.grad is None
+
+
+def test_bn_momentum_keeps_eval_features_input_dependent_after_a_short_schedule():
+    """With MONAI's EfficientNet momentum (0.01) ~30 train-mode passes leave the running statistics at their
+    initial values and eval-mode features collapse to a constant (every patient the same score); the
+    default 0.1 tracks the activations."""
+    rel = {}
+    for mom in (0.01, 0.1):
+        torch.manual_seed(0)
+        p = Pathway(bn_momentum=mom)
+        assert all(m.momentum == mom for m in p.modules() if isinstance(m, torch.nn.BatchNorm3d))
+        p.train()
+        with torch.no_grad():
+            for _ in range(30):
+                p(torch.rand(2, 1, 32, 32, 32))
+        p.eval()
+        with torch.no_grad():
+            a = p(torch.rand(1, 1, 32, 32, 32)).enc
+            b = p(0.2 * torch.rand(1, 1, 32, 32, 32)).enc
+        rel[mom] = float((a - b).abs().mean() / a.abs().mean())
+    assert rel[0.01] < 1e-3
+    assert rel[0.1] > 1e-2

@@ -67,8 +67,12 @@ echo "SLURM up: $(sinfo -h -o '%P %T %c CPUs %m MB')"
 
 cd "$repo"
 start=$(date +%s)
+# The test node has ${cpus} CPUs: cap the profile's per-rule cpus/memory so that every job fits on it.
 timeout -k 30 1500 snakemake --workflow-profile profiles/slurm --configfile config/tiny.yaml \
-  --config results="$work/results" --jobs 4 --directory "$repo" >"$work/snakemake.log" 2>&1 \
+  --config results="$work/results" --jobs 4 --directory "$repo" \
+  --set-resources register:cpus_per_task=1 train:cpus_per_task=1 infer:cpus_per_task=1 \
+  train:mem_mb=3000 infer:mem_mb=3000 --default-resources mem_mb=1500 runtime=30 cpus_per_task=1 \
+  >"$work/snakemake.log" 2>&1 \
   || { tail -n 60 "$work/snakemake.log"; fail "snakemake through SLURM failed (or timed out)"; }
 echo "workflow through SLURM: $(( $(date +%s) - start )) s"
 
