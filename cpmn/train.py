@@ -285,7 +285,9 @@ def train_variant(
         row = {"epoch": epoch + 1, **{k: sums[k] / spe for k in TERMS}}
         row.update(lr=float(sched.get_last_lr()[0]), val_auc=auc, seconds=time.perf_counter() - t0)
         rows.append(row)
-        improved = (not math.isnan(auc) and (math.isnan(best_auc) or auc > best_auc)) or (
+        # Ties go to the later epoch: on a small validation split the AUC often repeats, and the later
+        # checkpoint has seen more data.
+        improved = (not math.isnan(auc) and (math.isnan(best_auc) or auc >= best_auc)) or (
             math.isnan(best_auc) and math.isnan(auc)
         )
         if improved or not model_path.is_file():
