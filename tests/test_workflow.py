@@ -68,7 +68,9 @@ def test_tiny_study_end_to_end(tmp_path):
 
     assert check(results) == []
     report = tmp_path / "report.html"
-    r = snakemake("--configfile", "config/tiny.yaml", "--config", f"results={results}", "--report", str(report))
+    r = snakemake(
+        "--configfile", "config/tiny.yaml", "--config", f"results={results}", "--report", str(report)
+    )
     assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
     html = report.read_text(errors="replace")
     for item in ("table1_ablation", "fig2a_roc", "registration.tsv", "train_log.tsv", "montage.png"):
