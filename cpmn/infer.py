@@ -10,8 +10,10 @@ For each patient of the split the stored (preprocessed) volume of the variant's 
 * the CAM comes from MONAI ``GradCAM`` on the classification logit, at the deepest encoder stage, over the
   same sliding windows.
 
-Masks and CAMs are written for the splits in ``infer.mask_splits`` (default: test, which is where Dice and
-Fig. 2b are measured) so that the validation split costs only its classifier passes.
+Masks and CAMs are written for the splits in ``infer.mask_splits`` / ``infer.cam_splits`` (default: test,
+which is where Dice and Fig. 2b are measured) so that the validation split costs only its classifier passes.
+Grad-CAM needs a backward pass per window; with ``infer.cam_positives_only`` (default) it is computed for the
+PE-positive patients only, which is what Fig. 2b shows.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ DEFAULTS: dict[str, Any] = {
     "sw_batch_size": 2,
     "mask_splits": ["test"],
     "cam_splits": ["test"],
+    "cam_positives_only": True,
 }
 
 
@@ -164,7 +167,7 @@ def infer_split(
                 orig_affine,
                 masks_dir / f"{pid}_mask.nii.gz",
             )
-        if write_cams:
+        if write_cams and (row["label"] == 1 or not p["cam_positives_only"]):
             cam = GradCAM(cls_head, target_layers=cam_target_layer(cls_head))
             with torch.enable_grad():
                 heat = sliding_window_inference(

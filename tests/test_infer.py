@@ -88,6 +88,7 @@ def test_infer_writes_contract_and_masks_on_original_grid(study):
         study["pre"],
         out,
         patch_size=P,
+        params={"cam_positives_only": False},
         nifti_dir=study["nifti"],
         ref_template=str(study["nifti"] / "{patient}" / "mask.nii.gz"),
     )
@@ -143,3 +144,10 @@ def test_cam_target_is_the_classifier_input(study):
     layer.register_forward_hook(lambda m, i, o: seen.update(shape=tuple(o.shape)))
     head(torch.rand(1, 1, *P))
     assert seen["shape"] == (1, 320, 1, 1, 1)  # deepest EfficientNet-B0 map, stride 32
+
+
+def test_cam_for_positives_only_by_default(study):
+    out = study["tmp"] / "pred2" / "test.tsv"
+    df = infer_split(study["ckpt"], study["splits"], "test", study["pre"], out, patch_size=P)
+    assert df.set_index("patient_id")["cam"].notna().to_dict() == {"A1": True, "B2": False}
+    assert df["mask"].notna().all()
