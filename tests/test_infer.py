@@ -14,14 +14,6 @@ from cpmn.variants import build_model, variant_entry
 P = (32, 32, 32)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _phantom_nifti(path, shape=(40, 36, 30), seed=0, clot=True):
     """A small body: soft tissue ellipsoid at 40 HU in air, with a 'vessel' and a clot."""
     rng = np.random.default_rng(seed)

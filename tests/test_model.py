@@ -9,15 +9,6 @@ from cpmn.losses import L_KL, L_alig, L_clas
 from cpmn.model import DualPathway, Pathway, encoder_channels
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One torch thread: on a shared 2-core machine OpenMP spin-waiting makes 2 threads much slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def x():
     torch.manual_seed(0)

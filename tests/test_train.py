@@ -32,15 +32,6 @@ def _config(**train):
     return cfg
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One torch thread: on a shared 2-core machine OpenMP spin-waiting makes 2 threads much slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def cohort(tmp_path_factory):
     """Two patients: p0 with a bright 'embolus' block in both phases, p1 without; both in train and val."""

@@ -1,0 +1,18 @@
+"""Shared test set-up."""
+
+import pytest
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread(request):
+    """One torch thread for modules that use torch: on a shared 2-core machine OpenMP spin-waiting makes two
+    threads several times slower than one."""
+    if "torch" not in request.module.__dict__:
+        yield
+        return
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
