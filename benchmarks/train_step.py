@@ -24,6 +24,7 @@ import torch
 import yaml
 
 from cpmn.data.dataset import PatchDataset
+from cpmn.train import train_step
 from cpmn.variants import build_variant
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -57,12 +58,7 @@ def step_time(variant, cfg, size, batch, steps, warmup, device, amp_dtype=None):
         if device.type == "cuda":
             torch.cuda.synchronize()
         t0, c0 = time.perf_counter(), time.process_time()
-        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-            out = model(b)
-        total, _ = loss_fn(out, b["mask"], b["label"])
-        opt.zero_grad(set_to_none=True)
-        total.backward()
-        opt.step()
+        train_step(model, loss_fn, opt, b, device, amp_dtype)
         if device.type == "cuda":
             torch.cuda.synchronize()
         if i >= warmup:

@@ -41,6 +41,11 @@ def readers_file():
     return [config["cohort"]["readers"]] if config["cohort"].get("readers") else []
 
 
+def readers_flag(wildcards, input):
+    """``--readers FILE`` for `cpmn evaluate` when a reader study exists."""
+    return f"--readers {input.readers[0]}" if input.readers else ""
+
+
 def section(name):
     """One config section as JSON, passed to a stage with --params."""
     return json.dumps(config[name], separators=(",", ":"))

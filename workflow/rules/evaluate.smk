@@ -41,7 +41,7 @@ rule evaluate:
         predictions=expand(
             f"{{variant}}={RES}/predictions/{{variant}}", variant=VARIANTS
         ),
-        readers=f"--readers {readers_file()[0]}" if readers_file() else "",
+        readers=readers_flag,
         tables=output_dir("table1"),
         figures=output_dir("roc"),
         cfg=section("evaluate"),
