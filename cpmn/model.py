@@ -11,6 +11,7 @@ the decoder's last map has 16 channels at stride 1 (input resolution).
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -47,6 +48,30 @@ def encoder_channels(backbone: str) -> tuple[int, ...]:
     return tuple(FLEXUNET_BACKBONE.register_dict[backbone]["feature_channel"])
 
 
+#: normalisation layers a pathway can use
+NORMS = ("batch", "group")
+#: GroupNorm groups (every EfficientNet and decoder channel count is a multiple of 8)
+GROUPS = 8
+
+
+def replace_batchnorm_with_groupnorm(module: nn.Module, groups: int = GROUPS) -> None:
+    """Swap every ``BatchNorm`` inside ``module`` for ``GroupNorm(gcd(groups, C), C)`` (affine), in place.
+
+    Why: with batch 2 of a 32^3 patch the deepest (stride-32) map is 1x1x1, so BatchNorm there normalises
+    over just 2 numbers per channel, and its train-mode output carries only the sign of the difference
+    between the two samples, while eval mode uses running statistics; the classifier then learns on
+    features it never sees at test time. GroupNorm normalises each sample over its own channels and
+    positions: no batch dependence and no train/eval difference (the usual choice for 3D medical
+    segmentation with small batches).
+    """
+    for name, child in list(module.named_children()):
+        if isinstance(child, nn.modules.batchnorm._BatchNorm):
+            c = child.num_features
+            setattr(module, name, nn.GroupNorm(math.gcd(groups, c), c, eps=child.eps, affine=True))
+        else:
+            replace_batchnorm_with_groupnorm(child, groups)
+
+
 class ClassifierHead(nn.Module):
     """Auxiliary classifier on the deepest encoder map: global average pool -> FC -> ReLU -> FC.
 
@@ -76,6 +101,8 @@ class Pathway(nn.Module):
             TensorFlow 0.99 decay), which needs thousands of steps before the running statistics match the
             activations; with fewer (the CPU demo trains ~50 steps) eval-mode features collapse to a constant
             and every patient gets the same score. 0.1 (PyTorch's default) converges within ~50 steps.
+        norm: ``"batch"`` keeps FlexibleUNet's BatchNorm; ``"group"`` replaces every BatchNorm with a
+            GroupNorm of :data:`GROUPS` groups (see :func:`replace_batchnorm_with_groupnorm`).
     """
 
     def __init__(
@@ -84,8 +111,11 @@ class Pathway(nn.Module):
         ifa_level: int = 2,
         cls_hidden: int = 128,
         bn_momentum: float | None = 0.1,
+        norm: str = "batch",
     ):
         super().__init__()
+        if norm not in NORMS:
+            raise ValueError(f"unknown norm {norm!r}; expected one of {NORMS}")
         chans = encoder_channels(backbone)
         if not 0 <= ifa_level < len(chans):
             raise ValueError(f"ifa_level {ifa_level} out of range for {backbone} ({len(chans)} encoder maps)")
@@ -97,7 +127,10 @@ class Pathway(nn.Module):
         # The deepest encoder map (stride 32) as a named module: Grad-CAM hooks the classifier input here.
         self.deepest = nn.Identity()
         self.classifier = ClassifierHead(chans[-1], cls_hidden)
-        if bn_momentum is not None:
+        self.norm = norm
+        if norm == "group":
+            replace_batchnorm_with_groupnorm(self)
+        elif bn_momentum is not None:
             for m in self.modules():
                 if isinstance(m, nn.modules.batchnorm._BatchNorm):
                     m.momentum = float(bn_momentum)
@@ -130,10 +163,11 @@ class DualPathway(nn.Module):
         ifa_level: int = 2,
         cls_hidden: int = 128,
         bn_momentum: float | None = 0.1,
+        norm: str = "batch",
     ):
         super().__init__()
-        self.omega1 = Pathway(backbone, ifa_level, cls_hidden, bn_momentum)
-        self.omega2 = Pathway(backbone, ifa_level, cls_hidden, bn_momentum)
+        self.omega1 = Pathway(backbone, ifa_level, cls_hidden, bn_momentum, norm)
+        self.omega2 = Pathway(backbone, ifa_level, cls_hidden, bn_momentum, norm)
 
     def forward(self, ctpa: torch.Tensor, nct: torch.Tensor) -> DualOutput:
         """``ctpa``, ``nct`` ``(B, 1, X, Y, Z)`` (CTPA already registered to NCT) -> :class:`DualOutput`."""

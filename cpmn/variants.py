@@ -30,6 +30,8 @@ MODEL_DEFAULTS: dict[str, Any] = {
     "ifa_alpha": 2,
     "ifa_beta": 2,
     "bn_momentum": 0.1,
+    "norm": "batch",
+    "seg_loss": "focal",
 }
 PHASES = ("ctpa", "nct")
 
@@ -66,13 +68,21 @@ class VariantModel(nn.Module):
     ``{phase: PathwayOutput}`` for the variant's phases.
     """
 
-    def __init__(self, phases: list[str], backbone: str, ifa_level: int, bn_momentum: float | None = 0.1):
+    def __init__(
+        self,
+        phases: list[str],
+        backbone: str,
+        ifa_level: int,
+        bn_momentum: float | None = 0.1,
+        norm: str = "batch",
+    ):
         super().__init__()
         self.phases = tuple(phases)
+        kw = dict(bn_momentum=bn_momentum, norm=norm)
         self.net: nn.Module = (
-            DualPathway(backbone, ifa_level, bn_momentum=bn_momentum)
+            DualPathway(backbone, ifa_level, **kw)
             if len(self.phases) == 2
-            else Pathway(backbone, ifa_level, bn_momentum=bn_momentum)
+            else Pathway(backbone, ifa_level, **kw)
         )
 
     def pathway(self, phase: str) -> Pathway:
@@ -94,7 +104,11 @@ def build_model(entry: Mapping[str, Any], model_cfg: Mapping[str, Any]) -> Varia
     """The :class:`VariantModel` of a normalised variant entry and the ``model:`` section."""
     m = {**MODEL_DEFAULTS, **model_cfg}
     return VariantModel(
-        list(entry["pathways"]), entry["backbone"], int(m["ifa_level"]), float(m["bn_momentum"])
+        list(entry["pathways"]),
+        entry["backbone"],
+        int(m["ifa_level"]),
+        float(m["bn_momentum"]),
+        str(m["norm"]),
     )
 
 
@@ -109,6 +123,7 @@ def build_loss(entry: Mapping[str, Any], model_cfg: Mapping[str, Any]) -> L_Tota
         seg_weight=entry["seg_weight"],
         ifa_alpha=int(m["ifa_alpha"]),
         ifa_beta=int(m["ifa_beta"]),
+        seg_dice=m["seg_loss"] == "dice_focal",
     )
 
 

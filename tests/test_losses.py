@@ -146,3 +146,18 @@ def test_l_total_combines_terms_with_weights():
 def test_l_total_rejects_transfer_without_two_pathways():
     with pytest.raises(ValueError, match="both pathways"):
         L_Total(("nct",), lambda1=0.25)
+
+
+def test_l_seg_dice_focal_adds_the_batch_dice_of_the_embolus_channel():
+    # the two voxels above: p(embolus) = 3/4 on both, truth (1, 0)
+    logits = torch.tensor([0.0, LN3]).view(1, 2, 1, 1, 1).repeat(1, 1, 1, 1, 2)
+    mask = torch.tensor([1.0, 0.0]).view(1, 1, 1, 1, 2)
+    fl = (0.0625 * math.log(4 / 3) + 0.5625 * math.log(4.0)) / 4
+    # Dice on the embolus channel: 2 * (3/4 * 1) / (3/4 + 3/4 + 1) = 1.5 / 2.5 = 0.6 -> loss 0.4 (+ eps)
+    assert float(L_seg(dice=True)(logits, mask)) == pytest.approx(fl + 0.4, abs=1e-5)
+    # batch=True: one Dice over the batch, so a sample with no embolus does not count as a Dice of 0
+    empty = torch.zeros(1, 1, 1, 1, 2)
+    both = L_seg(dice=True)(logits.repeat(2, 1, 1, 1, 1), torch.cat([mask, empty]))
+    # sums over both samples: 2 * 3/4 / (4 * 3/4 + 1) = 0.375 -> loss 0.625; focal: the mean of the two
+    fl_empty = 2 * (0.5625 * math.log(4.0)) / 4
+    assert float(both) == pytest.approx((fl + fl_empty) / 2 + 0.625, abs=1e-5)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from cpmn.losses import L_KL, L_alig, L_clas
-from cpmn.model import DualPathway, Pathway, encoder_channels
+from cpmn.model import DualPathway, Pathway, encoder_channels, replace_batchnorm_with_groupnorm
 
 
 @pytest.fixture(scope="module")
@@ -100,3 +100,27 @@ def test_bn_momentum_keeps_eval_features_input_dependent_after_a_short_schedule(
         rel[mom] = float((a - b).abs().mean() / a.abs().mean())
     assert rel[0.01] < 1e-3
     assert rel[0.1] > 1e-2
+
+
+def test_group_norm_replaces_every_batchnorm_and_has_no_batch_dependence():
+    """norm="group": every BatchNorm becomes a GroupNorm, so a sample's train-mode output does not depend on
+    the other samples of the batch (BatchNorm with batch 2 on a 1x1x1 map outputs +-1 whatever the input)."""
+    p = Pathway(norm="group")
+    assert not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in p.modules())
+    assert sum(isinstance(m, torch.nn.GroupNorm) for m in p.modules()) > 40
+    torch.manual_seed(0)
+    x = torch.randn(2, 8, 1, 1, 1)
+    bn = torch.nn.Sequential(torch.nn.BatchNorm3d(8)).train()
+    gn = torch.nn.Sequential(torch.nn.BatchNorm3d(8)).train()
+    replace_batchnorm_with_groupnorm(gn, groups=4)
+    assert isinstance(gn[0], torch.nn.GroupNorm) and gn[0].num_groups == 4
+    with torch.no_grad():
+        assert torch.allclose(bn(x).abs(), torch.ones_like(x), atol=1e-2)  # BN: only the sign survives
+        alone, both = gn(x[:1]), gn(x)
+    assert torch.allclose(alone, both[:1], atol=1e-6)
+    # GroupNorm by hand: each group of 2 channels of one sample normalised to mean 0, variance 1
+    g = x[0].view(4, 2)
+    ref = (g - g.mean(1, keepdim=True)) / torch.sqrt(g.var(1, unbiased=False, keepdim=True) + 1e-5)
+    assert torch.allclose(alone.view(4, 2), ref, atol=1e-4)
+    with pytest.raises(ValueError, match="unknown norm"):
+        Pathway(norm="layer")

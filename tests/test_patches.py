@@ -92,7 +92,7 @@ def test_normal_bank_all_negative_and_deterministic():
 @pytest.mark.parametrize("frac, expected", [(0.5, 12), (1.0, 24), (0.0, 0)])
 def test_default_size_positive_rate(frac, expected):
     d = _npz(1)
-    bank = extract_patch_bank(d, {"per_patient": 24, "pos_fraction": frac}, seed=1)  # P = 64x64x32 default
+    bank = extract_patch_bank(d, {"size": [64, 64, 32], "per_patient": 24, "pos_fraction": frac}, seed=1)
     # 64x64x32 patches in a 60x50x30 volume: embolus-free positions exist only outside the body (z >= 28,
     # x <= 7), so the fallback draws negatives anywhere in the volume and the rate still holds
     assert bank["positive"].sum() == expected
@@ -108,3 +108,34 @@ def test_defaults_match_config_yaml():
 
     cfg = load_config(Path(__file__).resolve().parents[1] / "config" / "config.yaml")["patches"]
     assert DEFAULTS == cfg
+
+
+def test_hard_negatives_come_from_the_volume_centre_and_the_blood_pool():
+    d = _npz(label=0)
+    ctpa = d["nct"].copy()
+    ctpa[5:15, 5:15, 2:28] = (300.0 + 1000.0) / 1600.0  # a 300 HU contrast-filled "vessel", off-centre
+    d["ctpa"] = ctpa
+    params = {
+        "size": SIZE,
+        "per_patient": 20,
+        "pos_fraction": 0.5,
+        "centre_fraction": 0.5,
+        "vessel_fraction": 0.5,
+    }
+    c = extract_patch_bank(d, params, seed=4)["centres"]
+    # within P/4 = (4, 4, 2) of the centre (30, 25, 15)
+    central = (np.abs(c - [30, 25, 15]) <= [4, 4, 2]).all(axis=1)
+    in_vessel = ctpa[tuple(c.T)] > (150.0 + 1000.0) / 1600.0
+    assert central.sum() == 10 and in_vessel.sum() == 5  # half of 20, then half of the other 10
+    plain = extract_patch_bank(d, {**params, "centre_fraction": 0.0, "vessel_fraction": 0.0}, seed=4)
+    c = plain["centres"]
+    assert (np.abs(c - [30, 25, 15]) <= [4, 4, 2]).all(axis=1).sum() < 5
+    assert (ctpa[tuple(c.T)] > 0.7).sum() < 5
+    # on a PE patient with an embolus at the centre no negative patch holds an embolus
+    pe = _npz(label=1)
+    pe["ctpa"] = ctpa
+    pe["mask"][29:31, 24:26, 14:16] = 1
+    bank = extract_patch_bank(pe, params, seed=4)
+    for centre, p in zip(bank["centres"], bank["positive"], strict=True):
+        assert _patch_has_embolus(pe["mask"], centre, SIZE) == p
+    assert bank["positive"].sum() == 10

@@ -12,6 +12,14 @@ bank holds ``per_patient`` centres (K, 3) (voxel indices into the preprocessed a
   label, rather than a distance rule).
 * Normals: all K centres negative, inside the body.
 
+Hard negatives. Positives sit on emboli, i.e. on the central pulmonary arteries; if the negatives were drawn
+uniformly from the body, "the patch is centred on a large vessel" would separate the two, and the classifier
+would learn that shortcut, which says nothing at inference, where every patient's centre patch holds the
+central vessels. So ``centre_fraction`` of the negatives are drawn, embolus-free, from within a quarter
+patch of the volume centre (the patch that ``infer.score: centre`` scores: on normals these are the
+test-time negatives themselves), and ``vessel_fraction`` of the rest from contrast-enhanced blood of the CTPA
+(above ``vessel_hu``).
+
 Patch convention (the same as MONAI ``SpatialCrop(roi_center, roi_size)``): the patch around centre ``c``
 covers voxels ``[c - P // 2, c - P // 2 + P)`` per axis, padded where it leaves the volume. Centres may be
 anywhere in the volume: the trainer pads (MONAI ``SpatialPad``) volumes smaller than P.
@@ -43,7 +51,15 @@ from cpmn.config import add_config_arguments, resolve
 from cpmn.errors import InputError, atomic_path, report
 
 #: defaults equal to config/config.yaml ``patches``
-DEFAULTS: dict[str, Any] = {"size": [64, 64, 32], "per_patient": 24, "pos_fraction": 0.5, "seed": 0}
+DEFAULTS: dict[str, Any] = {
+    "size": [32, 32, 32],
+    "per_patient": 24,
+    "pos_fraction": 0.5,
+    "centre_fraction": 0.5,
+    "vessel_fraction": 0.5,
+    "vessel_hu": 150.0,
+    "seed": 0,
+}
 
 #: used when a preprocessed file predates the hu_window / body_threshold_hu keys
 _PRE_DEFAULTS = {"hu_window": (-1000.0, 600.0), "body_threshold_hu": -500.0}
@@ -65,13 +81,25 @@ def contains_embolus(mask: np.ndarray, size) -> np.ndarray:
 
 
 def body_from_npz(npz: Mapping[str, Any]) -> np.ndarray:
-    """Body mask on the stored grid: NCT above the body threshold (window-normalised), bool (X, Y, Z)."""
+    """Body mask on the stored grid, bool (X, Y, Z): the stored ``body`` (NCT above the body threshold in
+    HU, written by preprocess), or for an older file the window-normalised NCT above that threshold."""
+    if "body" in npz:
+        body = np.asarray(npz["body"]) > 0
+        return body if body.any() else np.ones(body.shape, dtype=bool)
     lo, hi = (float(v) for v in (npz["hu_window"] if "hu_window" in npz else _PRE_DEFAULTS["hu_window"]))
     thr_hu = (
         float(npz["body_threshold_hu"]) if "body_threshold_hu" in npz else _PRE_DEFAULTS["body_threshold_hu"]
     )
     body = np.asarray(npz["nct"]) > (thr_hu - lo) / (hi - lo)
     return body if body.any() else np.ones(body.shape, dtype=bool)
+
+
+def blood_pool_from_npz(npz: Mapping[str, Any], vessel_hu: float) -> np.ndarray:
+    """Contrast-enhanced blood on the stored grid: CTPA above ``vessel_hu`` (window-normalised), bool."""
+    lo, hi = (float(v) for v in (npz["hu_window"] if "hu_window" in npz else _PRE_DEFAULTS["hu_window"]))
+    if "ctpa" not in npz:
+        return np.zeros(np.shape(npz["nct"]), dtype=bool)
+    return np.asarray(npz["ctpa"]) > (float(vessel_hu) - lo) / (hi - lo)
 
 
 def _pick(rng: np.random.Generator, candidates: np.ndarray, n: int) -> np.ndarray:
@@ -110,8 +138,23 @@ def extract_patch_bank(
             if n:
                 parts.append(_pick(rng, np.argwhere(lab == clot), int(n)))
     n_neg = k - n_pos
+    free = ~contains
     if n_neg:
-        free = ~contains
+        near = np.zeros(mask.shape, dtype=bool)
+        half = [max(1, int(n) // 4) for n in size]
+        mid = [int(n) // 2 for n in mask.shape]
+        near[tuple(slice(max(0, c - h), c + h + 1) for c, h in zip(mid, half, strict=True))] = True
+        central = np.argwhere(free & near)
+        n_central = min(int(round(n_neg * float(p["centre_fraction"]))), len(central))
+        if n_central:
+            parts.append(_pick(rng, central, n_central))
+            n_neg -= n_central
+        vessel = np.argwhere(free & body & blood_pool_from_npz(npz, p["vessel_hu"]))
+        n_vessel = min(int(round(n_neg * float(p["vessel_fraction"]))), len(vessel))
+        if n_vessel:
+            parts.append(_pick(rng, vessel, n_vessel))
+            n_neg -= n_vessel
+    if n_neg:
         candidates = np.argwhere(free & body)
         if len(candidates) < n_neg:
             candidates = np.argwhere(free)

@@ -45,8 +45,8 @@ from cpmn.errors import InputError, atomic_path, report
 
 #: defaults equal to config/config.yaml ``preprocess``
 DEFAULTS: dict[str, Any] = {
-    "spacing": [2.5, 2.5, 2.5],
-    "hu_window": [-1000, 600],
+    "spacing": [5.0, 5.0, 5.0],
+    "hu_window": [-200, 300],
     "body_threshold_hu": -500,
     "body_margin_mm": 5.0,
 }
@@ -192,6 +192,7 @@ def preprocess_patient(
         "nct": window(arrays["nct"][sl], hu_window),
         "ctpa": window(arrays["ctpa"][sl], hu_window),
         "mask": arrays["mask"][sl].copy(),
+        "body": (nct_hu[sl] > float(p["body_threshold_hu"])).astype(np.uint8),
     }
     if "truth_mask" in arrays:
         result["truth_mask"] = arrays["truth_mask"][sl].copy()

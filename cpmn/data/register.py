@@ -66,7 +66,7 @@ DEFAULTS: dict[str, Any] = {
     "total_sigma": 0,
     "random_seed": 1,
     "hu_clip": [-1000, 600],
-    "reg_spacing": 2.5,
+    "reg_spacing": 4.0,
     "body_threshold_hu": -500,
 }
 
