@@ -3,7 +3,7 @@
 Usage: ``.venv/bin/python benchmarks/train_step.py [--steps 5] [--threads N] [--json OUT]``
 
 Prints, from one run: the step time (forward, Eq. 5 loss, backward, Adam step) of the single pathway
-(variant ``nct``) and of the dual pathway (variant ``cpmn``) at the default CPU patch 64x64x32 with batch 2
+(variant ``nct``) and of the dual pathway (variant ``cpmn``) at the default CPU patch and batch (config.yaml)
 and their ratio (goal: dual <= 2.1x single); the loader's patches/s (``PatchDataset`` over fake patients of
 the phantom's preprocessed size, MONAI crops and augmentation) against the trainer's consumption
 (batch / dual step time; goal >= 3x). With CUDA also the bf16 dual step time and peak memory at the paper's
@@ -70,7 +70,7 @@ def step_time(variant, cfg, size, batch, steps, warmup, device, amp_dtype=None):
     return statistics.median(times), min(times), peak
 
 
-def loader_rate(size, n_samples=48, patients=4, shape=(128, 128, 80)):
+def loader_rate(size, n_samples=48, patients=4, shape=(64, 48, 41)):
     """Patches per second of ``PatchDataset`` (num_workers = 0) over fake preprocessed patients."""
     rng = np.random.default_rng(0)
     with tempfile.TemporaryDirectory() as tmp:
@@ -81,13 +81,14 @@ def loader_rate(size, n_samples=48, patients=4, shape=(128, 128, 80)):
         for k in range(patients):
             pid = f"b{k}"
             mask = np.zeros(shape, np.uint8)
-            mask[60:70, 60:70, 30:40] = k % 2
+            c = [n // 2 for n in shape]
+            mask[c[0] - 3 : c[0] + 3, c[1] - 3 : c[1] + 3, c[2] - 3 : c[2] + 3] = k % 2
             vol = rng.random(shape, dtype=np.float32)
             np.savez_compressed(pre / f"{pid}.npz", nct=vol, ctpa=vol, mask=mask, label=np.array(k % 2))
             centres = rng.integers(0, shape, size=(24, 3))
             positive = np.zeros(24, bool)
             if k % 2:
-                centres[:12] = [65, 65, 35]
+                centres[:12] = c
                 positive[:12] = True
             np.savez(pat / f"{pid}.npz", centres=centres, positive=positive, size=np.array(size))
             ids.append(pid)
@@ -112,7 +113,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     cfg = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())
     cpu = torch.device("cpu")
-    size, batch = (64, 64, 32), 2
+    size, batch = tuple(cfg["patches"]["size"]), int(cfg["train"]["batch_size"])
     res: dict[str, float] = {"threads": torch.get_num_threads()}
     res["single_s"], res["single_min_s"], _ = step_time("nct", cfg, size, batch, args.steps, args.warmup, cpu)
     res["single_cpu_s"] = step_time.cpu_s

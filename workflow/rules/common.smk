@@ -13,7 +13,9 @@ validate(config, schema="../schemas/config.schema.yaml")
 # The rules call the `cpmn` command; when Snakemake runs from a virtualenv that is not activated
 # (.venv/bin/snakemake), the command lies beside the interpreter.
 if shutil.which("cpmn") is None:
-    os.environ.update(PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+    os.environ.update(
+        PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    )
 
 RES = config["results"]
 VARIANTS = list(config["variants"])
