@@ -80,3 +80,20 @@ def test_defaults_match_config_yaml():
 
     cfg = load_config(Path(__file__).resolve().parents[1] / "config" / "config.yaml")["split"]
     assert DEFAULTS == cfg
+
+
+@pytest.mark.parametrize("overlay", [None, "tiny.yaml"])
+def test_the_shipped_configs_give_a_valid_split(overlay):
+    """The default and the tiny phantom cohorts split into train/val/test, each holding both classes."""
+    from pathlib import Path
+
+    from cpmn.config import load_config
+    from cpmn.phantom.cohort import plan_cohort
+
+    root = Path(__file__).resolve().parents[1] / "config"
+    files = [root / "config.yaml"] + ([root / overlay] if overlay else [])
+    cfg = load_config(*files)
+    plan = plan_cohort(cfg["synthetic"])
+    out = temporal_split(plan[["patient_id", "label", "study_date"]], cfg["split"])
+    for name in ("train", "val", "test"):
+        assert set(out.label[out.split == name]) == {0, 1}, name
