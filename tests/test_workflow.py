@@ -90,3 +90,16 @@ def test_slurm_profile_on_a_real_one_node_cluster(tmp_path):
     )
     assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
     assert "PASS" in r.stdout
+
+
+@pytest.mark.parametrize("extra", [{"montage": False}, {"readers": 0}])
+def test_synthesis_rule_honours_the_optional_phantom_outputs(tmp_path, extra):
+    """synthetic.montage false (no montage.png) and readers 0 still complete the synthesis rule."""
+    overlay = tmp_path / "small.yaml"
+    synth = {"patients": 2, "shape": [48, 48, 32], "spacing": [6.0, 6.0, 6.0], **extra}
+    overlay.write_text(yaml.safe_dump({"results": str(tmp_path / "results"), "synthetic": synth}))
+    sheet = tmp_path / "results" / "synthetic" / "cohort.tsv"
+    r = snakemake("--cores", "2", "--configfile", str(overlay), "--", str(sheet))
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    assert sheet.is_file()
+    assert (sheet.parent / "montage.png").is_file() == extra.get("montage", True)

@@ -5,11 +5,7 @@ rule synthesize_cohort:
     output:
         sheet=f"{SYNTH_DIR}/cohort.tsv",
         readers=f"{SYNTH_DIR}/readers.tsv",
-        montage=report(
-            f"{SYNTH_DIR}/montage.png",
-            caption="../report/montage.rst",
-            category="Cohort",
-        ),
+        **montage_output(),
     log:
         f"{RES}/logs/synthesize_cohort.log",
     benchmark:

@@ -21,10 +21,24 @@ RES = config["results"]
 VARIANTS = list(config["variants"])
 SYNTHETIC = config["cohort"]["source"] == "synthetic"
 SYNTH_DIR = f"{RES}/synthetic"
+MONTAGE = bool(config["synthetic"].get("montage", True))
 GPU = int(config["resources"]["gpu"])
 
 if not SYNTHETIC and not config["cohort"].get("sheet"):
     raise ValueError("config cohort.source is 'sheet' but cohort.sheet is not set")
+
+
+def montage_output():
+    """The phantom montage as a report output of synthesize_cohort, only when synthetic.montage is on."""
+    if not MONTAGE:
+        return {}
+    return {
+        "montage": report(
+            f"{SYNTH_DIR}/montage.png",
+            caption="../report/montage.rst",
+            category="Cohort",
+        )
+    }
 
 
 def cohort_sheet():
@@ -143,7 +157,7 @@ def final_outputs():
         f"{RES}/stats.json",
         f"{RES}/qc/registration.tsv",
     ]
-    if SYNTHETIC and config["synthetic"].get("montage", True):
+    if SYNTHETIC and MONTAGE:
         out.append(f"{SYNTH_DIR}/montage.png")
     return out
 
