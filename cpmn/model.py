@@ -100,7 +100,8 @@ class Pathway(nn.Module):
         bn_momentum: momentum of every BatchNorm's running statistics. MONAI's EfficientNet uses 0.01 (the
             TensorFlow 0.99 decay), which needs thousands of steps before the running statistics match the
             activations; with fewer (a short CPU schedule of ~50 steps) eval-mode features collapse to a
-            constant and every patient gets the same score. 0.1 (PyTorch's default) converges within ~50 steps.
+            constant and every patient gets the same score. 0.1 (PyTorch's default) converges within ~50
+            steps.
         norm: ``"batch"`` keeps FlexibleUNet's BatchNorm; ``"group"`` replaces every BatchNorm with a
             GroupNorm of :data:`GROUPS` groups (see :func:`replace_batchnorm_with_groupnorm`).
     """
