@@ -80,13 +80,19 @@ def contains_embolus(mask: np.ndarray, size) -> np.ndarray:
     return ndimage.maximum_filter(mask > 0, size=tuple(int(s) for s in size), mode="constant", cval=0)
 
 
+def _stored_window(npz: Mapping[str, Any]) -> tuple[float, float]:
+    """The HU window the preprocessed arrays were scaled with (older files: the former default)."""
+    lo, hi = npz["hu_window"] if "hu_window" in npz else _PRE_DEFAULTS["hu_window"]
+    return float(lo), float(hi)
+
+
 def body_from_npz(npz: Mapping[str, Any]) -> np.ndarray:
     """Body mask on the stored grid, bool (X, Y, Z): the stored ``body`` (NCT above the body threshold in
     HU, written by preprocess), or for an older file the window-normalised NCT above that threshold."""
     if "body" in npz:
         body = np.asarray(npz["body"]) > 0
         return body if body.any() else np.ones(body.shape, dtype=bool)
-    lo, hi = (float(v) for v in (npz["hu_window"] if "hu_window" in npz else _PRE_DEFAULTS["hu_window"]))
+    lo, hi = _stored_window(npz)
     thr_hu = (
         float(npz["body_threshold_hu"]) if "body_threshold_hu" in npz else _PRE_DEFAULTS["body_threshold_hu"]
     )
@@ -96,7 +102,7 @@ def body_from_npz(npz: Mapping[str, Any]) -> np.ndarray:
 
 def blood_pool_from_npz(npz: Mapping[str, Any], vessel_hu: float) -> np.ndarray:
     """Contrast-enhanced blood on the stored grid: CTPA above ``vessel_hu`` (window-normalised), bool."""
-    lo, hi = (float(v) for v in (npz["hu_window"] if "hu_window" in npz else _PRE_DEFAULTS["hu_window"]))
+    lo, hi = _stored_window(npz)
     if "ctpa" not in npz:
         return np.zeros(np.shape(npz["nct"]), dtype=bool)
     return np.asarray(npz["ctpa"]) > (float(vessel_hu) - lo) / (hi - lo)

@@ -165,12 +165,13 @@ class Clot:
 def sample_clots(rng: np.random.Generator, an: Anatomy, p: dict, n: int, blood: float) -> list[Clot]:
     """``n`` emboli in central (gen 1), lobar (2) or segmental (3) arteries, partly or fully occlusive.
 
-    ``p`` (the ``synthetic:`` section): ``clot_generation_weights`` (odds of generations 1, 2, 3),
+    ``p`` (the resolved ``synthetic:`` section, :func:`cpmn.phantom.cohort.resolve_params`):
+    ``clot_generation_weights`` (odds of generations 1, 2, 3),
     ``occlusive_fraction``, ``clot_half_length`` (range of the capsule's half length, in vessel radii, at most
     0.4 of the segment), ``nct_occult_fraction``, ``nct_clot_contrast_hu``, ``ctpa_clot_hu``.
     """
     arts = an.arteries
-    gw = p.get("clot_generation_weights", [0.25, 0.4, 0.35])
+    gw = p["clot_generation_weights"]
     weights = {g: float(w) for g, w in zip((1, 2, 3), gw, strict=True) if w > 0}
     cand = [i for i, sg in enumerate(arts) if sg.gen in weights and np.linalg.norm(sg.p1 - sg.p0) > 2 * sg.r]
     if not cand:
@@ -183,8 +184,8 @@ def sample_clots(rng: np.random.Generator, an: Anatomy, p: dict, n: int, blood: 
         d = sg.p1 - sg.p0
         length = float(np.linalg.norm(d))
         e = d / length
-        occl = bool(rng.uniform() < p.get("occlusive_fraction", 0.4))
-        half = min(rng.uniform(*p.get("clot_half_length", [1.0, 2.5])) * sg.r, 0.4 * length)
+        occl = bool(rng.uniform() < p["occlusive_fraction"])
+        half = min(rng.uniform(*p["clot_half_length"]) * sg.r, 0.4 * length)
         t = rng.uniform(0.3, 0.7) * length
         c = sg.p0 + t * e
         if occl:
