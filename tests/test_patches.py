@@ -61,7 +61,8 @@ def test_contains_embolus_matches_slicing():
 
 def test_pe_bank_balanced_and_truthful():
     d = _npz(1)
-    bank = extract_patch_bank(d, {"size": SIZE, "per_patient": 20, "pos_fraction": 0.25}, seed=3)
+    params = {"size": SIZE, "per_patient": 20, "pos_fraction": 0.25, "centre_pos_fraction": 0.0}
+    bank = extract_patch_bank(d, params, seed=3)
     c, pos = bank["centres"], bank["positive"]
     assert c.shape == (20, 3) and c.dtype == np.int64 and pos.dtype == bool
     np.testing.assert_array_equal(bank["size"], SIZE)
@@ -139,3 +140,23 @@ def test_hard_negatives_come_from_the_volume_centre_and_the_blood_pool():
     for centre, p in zip(bank["centres"], bank["positive"], strict=True):
         assert _patch_has_embolus(pe["mask"], centre, SIZE) == p
     assert bank["positive"].sum() == 10
+
+
+def test_centre_positives_come_from_the_centre_patch_region_and_hold_an_embolus():
+    pe = _npz(label=1)
+    pe["mask"][:] = 0
+    pe["mask"][22:24, 22:24, 13:15] = 1  # just outside the P/4 box round the centre (30, 25, 15)
+    pe["mask"][50:52, 40:42, 2:4] = 1  # far off-centre
+    params = {"size": SIZE, "per_patient": 20, "pos_fraction": 0.5, "centre_pos_fraction": 0.6}
+    bank = extract_patch_bank(pe, params, seed=3)
+    c, pos = bank["centres"], bank["positive"]
+    assert pos.sum() >= 10
+    for centre, p in zip(c, pos, strict=True):
+        assert _patch_has_embolus(pe["mask"], centre, SIZE) == p
+    central = (np.abs(c - [30, 25, 15]) <= [4, 4, 2]).all(axis=1)
+    on_clot = pe["mask"][tuple(c.T)] > 0
+    # 6 of the 10 positives are P/4-box positions whose patch holds an embolus, 4 lie on clot voxels
+    assert (central & pos & ~on_clot).sum() == 6
+    assert on_clot.sum() == 4
+    off = extract_patch_bank(pe, {**params, "centre_pos_fraction": 0.0}, seed=3)
+    assert (pe["mask"][tuple(off["centres"].T)] > 0).sum() == 10
