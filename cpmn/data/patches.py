@@ -9,16 +9,16 @@ bank holds ``per_patient`` centres (K, 3) (voxel indices into the preprocessed a
   from within a quarter patch of the volume centre among the positions whose patch holds an embolus voxel
   (the patch that ``infer.score: centre`` scores on a PE patient); the others from embolus voxels of
   ``mask`` (the warped annotation), spread over the clots (connected components are visited round-robin
-  in random order, then a random voxel of the clot is taken). The rest are *negative*: centres inside the body whose
-  patch contains **no** embolus voxel (we use "patch contains no emboli", the exact complement of the
-  label, rather than a distance rule).
+  in random order, then a random voxel of the clot is taken). The rest are *negative*: centres inside the
+  body whose patch contains **no** embolus voxel (we use "patch contains no emboli", the exact complement
+  of the label, rather than a distance rule).
 * Normals: all K centres negative, inside the body.
 
-Why centre positives: with every positive centred on a clot (plus ``train.jitter``), a classifier learns
-"an embolus near the patch centre"; on the CPU default a small CNN trained that way scored bank positives of
-test patients 0.6-0.9 but their centre patches, which hold the same emboli off-centre, 0.15-0.45 (patch
-AUC 0.96, centre-patch AUC 0.61); with half the positives from the centre region its centre-patch AUC
-rose to 0.72 (README, "Patches").
+Why centre positives: with every positive centred on a clot (plus ``train.jitter``) a classifier learns
+"an embolus near the patch centre". A small CNN trained that way scored the bank positives of test
+patients 0.6-0.9 but their centre patches, which hold the same emboli off-centre, 0.15-0.45 (patch AUC
+0.96, centre-patch AUC 0.61); with half the positives from the centre region its centre-patch AUC on the
+CPU default's test split went from 0.56 to 0.75 (README, "Patches").
 
 Hard negatives. Positives sit on emboli, i.e. on the central pulmonary arteries; if the negatives were drawn
 uniformly from the body, "the patch is centred on a large vessel" would separate the two, and the classifier
