@@ -7,8 +7,8 @@ For each patient of the split the stored (preprocessed) volume of the variant's 
   paper), or from the maximum over the sliding windows (``infer.score: max``);
 * the embolus mask comes from MONAI ``sliding_window_inference`` over the whole volume with the patch size P
   (Gaussian blending), arg-max over the two classes, resampled back onto the original NCT grid;
-* the CAM comes from MONAI ``GradCAM`` on the classification logit, at the deepest encoder stage, over the
-  same sliding windows.
+* the CAM comes from MONAI ``GradCAM`` on the classification logit, at the encoder map the classifier reads
+  (``model.cls_level``), over the same sliding windows.
 
 Masks and CAMs are written for the splits in ``infer.mask_splits`` / ``infer.cam_splits`` (default: test,
 which is where Dice and Fig. 2b are measured) so that the validation split costs only its classifier passes.
@@ -68,8 +68,9 @@ class ClassifierHead(nn.Module):
 def cam_target_layer(head: ClassifierHead) -> str:
     """The name of the last convolutional stage of the encoder, the Grad-CAM target.
 
-    The deepest encoder map (320 channels, stride 32) is the input of the classifier, so its gradient-weighted
-    activations are the class activation map of the classifier.
+    The encoder map the classifier reads (``cls_level``: the deepest, 320 channels at stride 32, for the
+    paper's EfficientNet-B0) is the pathway's ``cam_layer``, so its gradient-weighted activations are the
+    class activation map of the classifier.
     """
     name = getattr(head.pathway, "cam_layer", None)
     if name:

@@ -32,6 +32,9 @@ MODEL_DEFAULTS: dict[str, Any] = {
     "bn_momentum": 0.1,
     "norm": "batch",
     "seg_loss": "focal",
+    "decoder_channels": [256, 128, 64, 32, 16],
+    "cls_level": 4,
+    "cls_pool": "avg",
 }
 PHASES = ("ctpa", "nct")
 
@@ -75,10 +78,12 @@ class VariantModel(nn.Module):
         ifa_level: int,
         bn_momentum: float | None = 0.1,
         norm: str = "batch",
+        **pathway_kwargs: Any,
     ):
+        """``pathway_kwargs`` go to :class:`Pathway` (``decoder_channels``, ``cls_level``, ``cls_pool``)."""
         super().__init__()
         self.phases = tuple(phases)
-        kw = dict(bn_momentum=bn_momentum, norm=norm)
+        kw = dict(bn_momentum=bn_momentum, norm=norm, **pathway_kwargs)
         self.net: nn.Module = (
             DualPathway(backbone, ifa_level, **kw)
             if len(self.phases) == 2
@@ -109,6 +114,9 @@ def build_model(entry: Mapping[str, Any], model_cfg: Mapping[str, Any]) -> Varia
         int(m["ifa_level"]),
         float(m["bn_momentum"]),
         str(m["norm"]),
+        decoder_channels=tuple(int(c) for c in m["decoder_channels"]),
+        cls_level=int(m["cls_level"]),
+        cls_pool=str(m["cls_pool"]),
     )
 
 

@@ -35,6 +35,44 @@ def test_pathway_shapes_and_equals_monai_forward(x):
         assert deep(x).enc.shape == (1, 320, 1, 1, 1)
 
 
+def test_plain_cnn_pathway_shapes_and_classifier_on_its_level(x):
+    torch.manual_seed(0)
+    assert encoder_channels("plain-cnn") == (16, 32, 64, 64, 128)
+    net = Pathway(
+        "plain-cnn",
+        ifa_level=2,
+        norm="group",
+        decoder_channels=(64, 32, 32, 16, 16),
+        cls_level=3,
+        cls_pool="max",
+    ).eval()
+    assert not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in net.modules())
+    seen = {}
+    net.cls_input.register_forward_hook(lambda m, i, o: seen.update(feat=o))
+    with torch.no_grad():
+        out = net(x)
+        assert torch.allclose(out.seg, net.unet(x), atol=1e-6)  # MONAI's own FlexibleUNet.forward
+    assert out.seg.shape == (1, 2, 32, 32, 32)
+    assert out.enc.shape == (1, 64, 4, 4, 4)  # level 2: 64 channels at stride 8
+    assert out.dec.shape == (1, 16, 32, 32, 32)
+    assert seen["feat"].shape == (1, 64, 2, 2, 2)  # level 3: 64 channels at stride 16
+    # the head is global max pool -> FC -> ReLU -> FC on that map, computed here by hand
+    h = net.classifier
+    pooled = seen["feat"].amax(dim=(2, 3, 4))
+    by_hand = h.fc2(torch.relu(h.fc1(pooled))).squeeze(1)
+    assert torch.allclose(out.cls, by_hand, atol=1e-6)
+    assert not torch.allclose(pooled, seen["feat"].mean(dim=(2, 3, 4)))  # max and average differ here
+
+
+def test_pathway_rejects_bad_head_settings():
+    with pytest.raises(ValueError, match="cls_level 5"):
+        Pathway("plain-cnn", cls_level=5)
+    with pytest.raises(ValueError, match="pool"):
+        Pathway("plain-cnn", cls_pool="median")
+    with pytest.raises(ValueError, match="decoder_channels needs 5"):
+        Pathway("plain-cnn", decoder_channels=(32, 16))
+
+
 def test_dual_pathway_has_separate_weights():
     torch.manual_seed(0)
     dual = DualPathway()
