@@ -4,7 +4,9 @@ For each patient of the split the stored (preprocessed) volume of the variant's 
 ``ctpa`` variant — goes through the trained pathway:
 
 * the patient probability comes from the classifier on the centre patch (``infer.score: centre``, as in the
-  paper), or from the maximum over the sliding windows (``infer.score: max``);
+  paper), from the maximum of the classifier over the sliding windows (``infer.score: max``), or from the
+  segmentation: the predicted embolus volume ``V`` (mL) mapped to ``V / (V + seg_volume_half_ml)``
+  (``infer.score: seg_volume``; see :func:`seg_volume_score`);
 * the embolus mask comes from MONAI ``sliding_window_inference`` over the whole volume with the patch size P
   (Gaussian blending), arg-max over the two classes, resampled back onto the original NCT grid;
 * the CAM comes from MONAI ``GradCAM`` on the classification logit, at the encoder map the classifier reads
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -33,8 +36,11 @@ from tqdm import tqdm
 from cpmn.config import add_config_arguments, resolve
 from cpmn.errors import atomic_path
 
+#: patient scores (``infer.score``)
+SCORES = ("centre", "max", "seg_volume")
 DEFAULTS: dict[str, Any] = {
     "score": "centre",
+    "seg_volume_half_ml": 10.0,
     "overlap": 0.25,
     "sw_batch_size": 2,
     "mask_splits": ["test"],
@@ -103,6 +109,66 @@ def window_scores(
     return best
 
 
+def segment(
+    pathway: nn.Module, volume: torch.Tensor, patch: Sequence[int], params: dict[str, Any]
+) -> torch.Tensor:
+    """The ``(X, Y, Z)`` uint8 arg-max embolus mask of ``volume`` ``(1, 1, X, Y, Z)``: MONAI
+    ``sliding_window_inference`` with the patch size, ``overlap`` and ``sw_batch_size`` of ``params`` and
+    Gaussian blending."""
+    from monai.inferers import sliding_window_inference
+
+    with torch.no_grad():
+        logits = sliding_window_inference(
+            volume,
+            tuple(int(v) for v in patch),
+            int(params["sw_batch_size"]),
+            SegmentationHead(pathway),
+            overlap=float(params["overlap"]),
+            mode="gaussian",
+        )
+    return logits.argmax(1)[0].to(torch.uint8)
+
+
+def seg_volume_score(mask: np.ndarray | torch.Tensor, spacing_mm: Sequence[float], half_ml: float) -> float:
+    """``V / (V + half_ml)`` for the predicted embolus volume ``V`` (mL) of a binary ``mask`` ``(X, Y, Z)``.
+
+    A monotone map of ``V`` onto [0, 1): AUC sees only the ranking; ``half_ml`` is the volume scored 0.5.
+    """
+    voxel_ml = float(np.prod(np.asarray(spacing_mm, dtype=float))) / 1000.0
+    v = float(torch.as_tensor(mask).sum()) * voxel_ml
+    return v / (v + float(half_ml))
+
+
+def patient_score(
+    pathway: nn.Module,
+    volume: np.ndarray,
+    spacing_mm: Sequence[float],
+    patch: Sequence[int],
+    params: dict[str, Any] | None = None,
+    device: str | torch.device = "cpu",
+) -> tuple[float, torch.Tensor | None]:
+    """The patient probability of ``infer.score`` for one phase ``volume`` ``(X, Y, Z)``, and the predicted
+    mask ``(X, Y, Z)`` when the score needed it (``seg_volume``; else None). Used by inference and by the
+    per-epoch validation of training, so that the checkpoint is chosen on the score that is reported."""
+    from cpmn.train import centre_patch_score
+
+    p = {**DEFAULTS, **(params or {})}
+    if p["score"] not in SCORES:
+        raise ValueError(f"unknown infer.score {p['score']!r}; expected one of {SCORES}")
+    if p["score"] == "centre":
+        return float(centre_patch_score(pathway, volume, patch, device)), None
+    vol = torch.from_numpy(np.ascontiguousarray(volume, dtype=np.float32))[None, None].to(device)
+    was_training = pathway.training
+    pathway.eval()
+    try:
+        if p["score"] == "max":
+            return window_scores(pathway, vol, tuple(int(v) for v in patch), float(p["overlap"])), None
+        mask = segment(pathway, vol, patch, p)
+    finally:
+        pathway.train(was_training)
+    return seg_volume_score(mask, spacing_mm, float(p["seg_volume_half_ml"])), mask
+
+
 def infer_split(
     model_path: str | os.PathLike,
     splits_tsv: str | os.PathLike,
@@ -124,7 +190,6 @@ def infer_split(
     from monai.visualize import GradCAM
 
     from cpmn.data.preprocess import to_original_grid
-    from cpmn.train import centre_patch_score
     from cpmn.variants import load_for_inference
 
     p = {**DEFAULTS, **(params or {})}
@@ -134,7 +199,6 @@ def infer_split(
     masks_dir = out_dir / split
     pathway, phase = load_for_inference(model_path, device)
     pathway.eval()
-    seg_head = SegmentationHead(pathway)
     cls_head = ClassifierHead(pathway)
     splits = pd.read_csv(splits_tsv, sep="\t", dtype={"patient_id": str})
     ids = splits.loc[splits["split"] == split, "patient_id"].tolist()
@@ -146,23 +210,13 @@ def infer_split(
     for pid in tqdm(ids, desc=f"infer {split}", unit="patient"):
         npz = np.load(Path(preprocessed_dir) / f"{pid}.npz")
         vol = torch.from_numpy(np.ascontiguousarray(npz[phase], dtype=np.float32))[None, None].to(device)
-        if p["score"] == "centre":
-            prob = float(centre_patch_score(pathway, npz[phase], patch, device))
-        else:
-            prob = window_scores(pathway, vol, patch, float(p["overlap"]))
+        prob, mask = patient_score(pathway, npz[phase], npz["spacing"], patch, p, device)
         row: dict[str, Any] = {"patient_id": pid, "split": split, "label": int(npz["label"]), "prob": prob}
         orig_affine = np.asarray(npz["orig_affine"], dtype=float)
         if write_masks:
-            with torch.no_grad():
-                logits = sliding_window_inference(
-                    vol,
-                    patch,
-                    int(p["sw_batch_size"]),
-                    seg_head,
-                    overlap=float(p["overlap"]),
-                    mode="gaussian",
-                )
-            mask = logits.argmax(1)[0].cpu().numpy().astype(np.uint8)
+            if mask is None:
+                mask = segment(pathway, vol, patch, p)
+            mask = mask.cpu().numpy().astype(np.uint8)
             row["mask"] = _write_nifti(
                 to_original_grid(mask, npz, order=0).astype(np.uint8),
                 orig_affine,

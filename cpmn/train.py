@@ -8,8 +8,8 @@ Optimiser Adam (``train.lr`` = 1e-3), cosine annealing per step to ``train.lr_mi
 ``epochs × steps_per_epoch`` steps, batch ``train.batch_size``. On CUDA with ``train.amp`` the forward pass
 runs under ``torch.autocast`` in bf16 where the GPU supports it (the losses are computed in float32); the
 CPU path runs in float32 with ``torch.use_deterministic_algorithms``, so a fixed seed gives identical
-weights. After every epoch: validation (patient-level AUC on the ``val`` split, a patient's score being the
-classifier on the centre patch of its volume: :func:`centre_patch_score`), a row of ``train_log.tsv``,
+weights. After every epoch: validation (patient-level AUC on the ``val`` split with the score that inference
+reports, ``infer.score``: :func:`cpmn.infer.patient_score`), a row of ``train_log.tsv``,
 ``last.pt`` (model, optimiser, scheduler, python/numpy/torch RNG states and the sampler position) and, when
 the validation AUC improves, ``model.pt``. A run started again over an existing ``last.pt`` of the same
 settings resumes from it and ends with the same weights as an uninterrupted run.
@@ -193,8 +193,9 @@ def train_variant(
 ) -> dict[str, Any]:
     """Train ``variant`` and write ``model.pt``, ``last.pt`` and ``train_log.tsv`` into ``out_dir``.
 
-    ``cfg`` holds the ``model``, ``train``, ``patches`` and ``variants`` sections (defaults as in
-    config/config.yaml for missing keys). ``max_steps`` stops the run before optimiser step
+    ``cfg`` holds the ``model``, ``train``, ``patches``, ``variants`` and ``infer`` sections (defaults as in
+    config/config.yaml for missing keys; ``infer`` gives the validation score, see
+    :func:`cpmn.infer.patient_score`). ``max_steps`` stops the run before optimiser step
     ``max_steps + 1`` without writing anything more, as a kill would (the last epoch checkpoint stays);
     running again with ``resume=True`` continues from ``last.pt``. Returns a summary dict (``status``
     ``"done"`` or ``"stopped"``, ``step``, ``best_val_auc``, ``rows``).
@@ -204,6 +205,10 @@ def train_variant(
     model_cfg = {**MODEL_DEFAULTS, **(cfg.get("model") or {})}
     tcfg = {**TRAIN_DEFAULTS, **(cfg.get("train") or {})}
     pcfg = {**PATCH_DEFAULTS, **(cfg.get("patches") or {})}
+    from cpmn.infer import DEFAULTS as INFER_DEFAULTS
+    from cpmn.infer import patient_score
+
+    icfg = {**INFER_DEFAULTS, **(cfg.get("infer") or {})}
     patch_size = [int(s) for s in pcfg["size"]]
     if min(patch_size) < 32:
         raise ValueError(f"patches.size {patch_size}: every axis must be >= 32 (the encoder's stride)")
@@ -211,7 +216,13 @@ def train_variant(
     epochs, spe, bs = int(tcfg["epochs"]), int(tcfg["steps_per_epoch"]), int(tcfg["batch_size"])
     total_steps = epochs * spe
     fingerprint = json.dumps(
-        {"variant": entry, "model": model_cfg, "train": {**tcfg, "device": None}, "patches": pcfg},
+        {
+            "variant": entry,
+            "model": model_cfg,
+            "train": {**tcfg, "device": None},
+            "patches": pcfg,
+            "val_score": {k: icfg[k] for k in ("score", "seg_volume_half_ml", "overlap")},
+        },
         sort_keys=True,
         default=str,
     )
@@ -226,7 +237,8 @@ def train_variant(
         vol = load_patient(pid, preprocessed_dir)
         if int(vol["label"]) not in (0, 1):
             raise InputError(pid, Path(preprocessed_dir) / f"{pid}.npz", "label must be 0 or 1")
-        val_data.append((pid, vol[phase], int(vol["label"])))
+        spacing = vol["spacing"] if "spacing" in vol else np.ones(3)  # only seg_volume reads it
+        val_data.append((pid, vol[phase], int(vol["label"]), spacing))
     dataset = PatchDataset(
         train_ids,
         preprocessed_dir,
@@ -296,8 +308,8 @@ def train_variant(
         bar.close()
 
         pathway = model.pathway(phase)
-        scores = [centre_patch_score(pathway, vol, patch_size, device) for _, vol, _ in val_data]
-        auc = patient_auc([lab for _, _, lab in val_data], scores)
+        scores = [patient_score(pathway, v, sp, patch_size, icfg, device)[0] for _, v, _, sp in val_data]
+        auc = patient_auc([lab for _, _, lab, _ in val_data], scores)
         row = {"epoch": epoch + 1, **{k: sums[k] / spe for k in TERMS}}
         row.update(lr=float(sched.get_last_lr()[0]), val_auc=auc, seconds=time.perf_counter() - t0)
         rows.append(row)

@@ -7,7 +7,15 @@ import pytest
 import torch
 
 from cpmn.data.preprocess import preprocess_patient
-from cpmn.infer import ClassifierHead, cam_target_layer, infer_split, window_scores
+from cpmn.infer import (
+    ClassifierHead,
+    cam_target_layer,
+    infer_split,
+    patient_score,
+    seg_volume_score,
+    segment,
+    window_scores,
+)
 from cpmn.train import centre_patch_score
 from cpmn.variants import build_model, variant_entry
 
@@ -143,3 +151,43 @@ def test_cam_for_positives_only_by_default(study):
     df = infer_split(study["ckpt"], study["splits"], "test", study["pre"], out, patch_size=P)
     assert df.set_index("patient_id")["cam"].notna().to_dict() == {"A1": True, "B2": False}
     assert df["mask"].notna().all()
+
+
+def test_seg_volume_score_by_hand():
+    mask = torch.zeros(10, 10, 10, dtype=torch.uint8)
+    mask[:4, :5, :2] = 1  # 40 voxels of 2 x 2.5 x 4 mm = 20 mm^3 each: 0.8 mL
+    assert seg_volume_score(mask, (2.0, 2.5, 4.0), half_ml=0.8) == pytest.approx(0.5)
+    assert seg_volume_score(mask, (2.0, 2.5, 4.0), half_ml=0.2) == pytest.approx(0.8 / 1.0)
+    assert seg_volume_score(torch.zeros_like(mask), (1.0, 1.0, 1.0), half_ml=1.0) == 0.0
+
+
+def test_seg_volume_prob_is_the_predicted_mask_volume(study):
+    """infer.score: seg_volume writes V / (V + half) of the very mask it writes (on the preprocessed grid)."""
+    out = study["tmp"] / "pred_seg" / "nct" / "test.tsv"
+    half = 0.5
+    infer_split(
+        study["ckpt"],
+        study["splits"],
+        "test",
+        study["pre"],
+        out,
+        patch_size=P,
+        params={"score": "seg_volume", "seg_volume_half_ml": half, "cam_splits": []},
+    )
+    back = pd.read_csv(out, sep="\t", dtype={"patient_id": str})
+    pathway = study["model"].pathway("nct").eval()
+    for _, row in back.iterrows():
+        npz = np.load(study["pre"] / f"{row.patient_id}.npz")
+        vol = torch.from_numpy(npz["nct"].astype(np.float32))[None, None]
+        mask = segment(pathway, vol, P, {"sw_batch_size": 2, "overlap": 0.25})
+        v_ml = float(mask.sum()) * float(np.prod(npz["spacing"])) / 1000.0
+        assert row.prob == pytest.approx(v_ml / (v_ml + half), abs=1e-5)
+        # the written mask (on the original grid) is that mask resampled: it is empty exactly when V is 0
+        written = nib.load(out.parent / row["mask"]).get_fdata()
+        assert (written.sum() == 0) == (v_ml == 0)
+
+
+def test_unknown_score_is_rejected(study):
+    pathway = study["model"].pathway("nct")
+    with pytest.raises(ValueError, match="infer.score"):
+        patient_score(pathway, np.zeros((32, 32, 32), np.float32), (1, 1, 1), P, {"score": "median"})

@@ -122,7 +122,7 @@ def test_a_few_steps_drive_the_loss_down(cohort):
     batch = torch.utils.data.default_collate([pos, neg])  # one patch with the embolus, one without
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     losses = []
-    for _ in range(5):
+    for _ in range(10):
         total, terms = loss_fn(model(batch), batch["mask"], batch["label"])
         opt.zero_grad()
         total.backward()
@@ -177,10 +177,10 @@ def test_resume_after_kill_equals_straight_run(cohort, tmp_path):
     assert 0.0 <= resumed["best_val_auc"] <= 1.0
     pathway, phase = load_for_inference(tmp_path / "b" / "model.pt", "cpu")
     assert phase == "nct"
-    assert torch.equal(pathway.unet.encoder._conv_stem.weight, _weights(tmp_path / "b" / "model.pt")[STEM])
+    assert torch.equal(pathway.unet.encoder.stages[0][0].weight, _weights(tmp_path / "b" / "model.pt")[STEM])
 
 
-STEM = "net.unet.encoder._conv_stem.weight"
+STEM = "net.unet.encoder.stages.0.0.weight"
 
 
 def test_seed_determinism_and_inference_pathway(cohort, tmp_path):
@@ -190,15 +190,15 @@ def test_seed_determinism_and_inference_pathway(cohort, tmp_path):
         cfg["train"]["seed"] = seed
         _run(cohort, tmp_path / name, cfg, variant="cpmn")
         runs[name] = _weights(tmp_path / name / "last.pt")
-    key = "net.omega2.unet.encoder._conv_stem.weight"
+    key = "net.omega2.unet.encoder.stages.0.0.weight"
     assert all(torch.equal(runs["a"][k], runs["b"][k]) for k in runs["a"])
     assert not torch.equal(runs["a"][key], runs["c"][key])
     # inference uses Ω2 on NCT, with the weights of model.pt
     pathway, phase = load_for_inference(tmp_path / "a" / "model.pt", "cpu")
     assert phase == "nct"
-    stem = pathway.unet.encoder._conv_stem.weight
+    stem = pathway.unet.encoder.stages[0][0].weight
     assert torch.equal(stem, runs["a"][key])
-    assert not torch.equal(stem, runs["a"]["net.omega1.unet.encoder._conv_stem.weight"])
+    assert not torch.equal(stem, runs["a"]["net.omega1.unet.encoder.stages.0.0.weight"])
     assert pathway(torch.zeros(1, 1, *P)).seg.shape == (1, 2, *P)
 
 

@@ -42,7 +42,8 @@ def _plain(t: Any) -> torch.Tensor:
 
 
 def load_patient(pid: str, preprocessed_dir: str | Path) -> dict[str, np.ndarray]:
-    """``ctpa``, ``nct`` float32 ``(X, Y, Z)``, ``mask`` uint8 ``(X, Y, Z)`` and ``label`` of one patient."""
+    """``ctpa``, ``nct`` float32 ``(X, Y, Z)``, ``mask`` uint8 ``(X, Y, Z)``, ``label`` and, where stored,
+    ``spacing`` (mm, 3) of one patient."""
     path = Path(preprocessed_dir) / f"{pid}.npz"
     if not path.is_file():
         raise InputError(pid, path, "preprocessed volume not found")
@@ -57,6 +58,8 @@ def load_patient(pid: str, preprocessed_dir: str | Path) -> dict[str, np.ndarray
                 "mask": np.ascontiguousarray(z["mask"] > 0, dtype=np.uint8),
                 "label": np.asarray(int(z["label"]) if "label" in z.files else -1),
             }
+            if "spacing" in z.files:
+                out["spacing"] = np.asarray(z["spacing"], dtype=float)
     except InputError:
         raise
     except Exception as err:  # a truncated or foreign file

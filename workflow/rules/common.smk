@@ -69,7 +69,7 @@ def section(name):
 
 def train_params():
     """What `cpmn train` needs from the config."""
-    keys = ("model", "train", "patches", "variants")
+    keys = ("model", "train", "patches", "variants", "infer")
     return json.dumps({k: config[k] for k in keys}, separators=(",", ":"))
 
 
