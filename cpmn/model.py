@@ -11,7 +11,7 @@ the decoder's last map has 16 channels at stride 1 (input resolution).
 The CPU default uses ``plain-cnn`` (:class:`PlainEncoder`, registered into MONAI's ``FLEXUNET_BACKBONE``):
 5 plain conv-GroupNorm-ReLU-maxpool stages with 16/32/64/64/128 channels at strides 2..32, about 4x cheaper
 per step than EfficientNet-B0 at 32^3, with a narrower decoder (``decoder_channels``) and the classifier on
-the stride-16 map with global max pooling (``cls_level``, ``cls_pool``). ``config/paper.yaml`` sets the
+the stride-8 map with global max pooling (``cls_level``, ``cls_pool``). ``config/paper.yaml`` sets the
 paper's EfficientNet-B0, the default decoder and the classifier on the deepest map with average pooling.
 """
 
