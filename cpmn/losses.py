@@ -162,10 +162,21 @@ class L_disc(nn.Module):
     Σ_v (x_v - c) = 0 within a class; detaching makes that explicit and keeps the graph small).
     Loss (Eq. 3): ``½ ‖x_v - c_{y_v}‖²`` averaged over all voxels v of the batch. A class absent from
     the batch has no centre and no voxel to pull.
+
+    ``normalize=True`` first scales every feature vector to unit length (``x_v / ‖x_v‖``, the centres are
+    then centroids of unit vectors), so the loss (at most 2) cannot be lowered by shrinking the features,
+    which is the trivial minimum of the plain form: with it the segmentation of a short CPU run collapsed to
+    all background (see README).
     """
+
+    def __init__(self, normalize: bool = False):
+        super().__init__()
+        self.normalize = bool(normalize)
 
     def forward(self, feat: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         feat = feat.float()
+        if self.normalize:
+            feat = F.normalize(feat, dim=1, eps=1e-6)
         if mask.shape[2:] != feat.shape[2:]:
             mask = F.interpolate(mask.float(), size=feat.shape[2:], mode="nearest")
         y = (mask[:, 0] > 0.5).flatten()  # (V,) V = B·X'·Y'·Z'
@@ -201,6 +212,7 @@ class L_Total(nn.Module):
         ifa_alpha: int = 2,
         ifa_beta: int = 2,
         seg_dice: bool = False,
+        disc_normalize: bool = False,
     ):
         super().__init__()
         self.phases = tuple(phases)
@@ -214,7 +226,7 @@ class L_Total(nn.Module):
         self.seg = L_seg(dice=seg_dice)
         self.kl = L_KL()
         self.alig = L_alig(ifa_alpha, ifa_beta)
-        self.disc = L_disc()
+        self.disc = L_disc(normalize=disc_normalize)
 
     def forward(
         self, outputs: Mapping[str, PathwayOutput], mask: torch.Tensor, label: torch.Tensor

@@ -35,6 +35,7 @@ MODEL_DEFAULTS: dict[str, Any] = {
     "decoder_channels": [256, 128, 64, 32, 16],
     "cls_level": 4,
     "cls_pool": "avg",
+    "ifd_normalize": False,
 }
 PHASES = ("ctpa", "nct")
 
@@ -132,6 +133,7 @@ def build_loss(entry: Mapping[str, Any], model_cfg: Mapping[str, Any]) -> L_Tota
         ifa_alpha=int(m["ifa_alpha"]),
         ifa_beta=int(m["ifa_beta"]),
         seg_dice=m["seg_loss"] == "dice_focal",
+        disc_normalize=bool(m["ifd_normalize"]),
     )
 
 

@@ -96,6 +96,19 @@ def test_l_disc_value():
     assert float(L_disc()(feat, mask)) == pytest.approx(expected, abs=1e-6)
 
 
+def test_l_disc_normalized_by_hand_and_scale_free():
+    # 4 voxels, 2 channels: background (3, 4), (0, 5); embolus (2, 0), (0, -1)
+    feat = torch.tensor([[3.0, 0.0, 2.0, 0.0], [4.0, 5.0, 0.0, -1.0]]).reshape(1, 2, 1, 1, 4)
+    mask = torch.tensor([0.0, 0.0, 1.0, 1.0]).reshape(1, 1, 1, 1, 4)
+    # unit vectors (0.6, 0.8), (0, 1) -> centre (0.3, 0.9), squared distances 0.1, 0.1;
+    # (1, 0), (0, -1) -> centre (0.5, -0.5), squared distances 0.5, 0.5; loss = 0.5 * mean = 0.15
+    disc = L_disc(normalize=True)
+    assert float(disc(feat, mask)) == pytest.approx(0.15, abs=1e-6)
+    assert float(disc(10 * feat, mask)) == pytest.approx(0.15, abs=1e-6)  # shrinking cannot lower it
+    plain = float(L_disc()(feat, mask))
+    assert float(L_disc()(10 * feat, mask)) == pytest.approx(100 * plain, rel=1e-5)
+
+
 def test_l_disc_resizes_mask_nearest():
     feat, mask, expected = _disc_case()
     hi = mask.repeat_interleave(2, 2).repeat_interleave(2, 3).repeat_interleave(2, 4)  # (1, 1, 4, 4, 4)
