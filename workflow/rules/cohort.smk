@@ -3,9 +3,9 @@
 
 rule synthesize_cohort:
     output:
+        **montage_output(),
         sheet=f"{SYNTH_DIR}/cohort.tsv",
         readers=f"{SYNTH_DIR}/readers.tsv",
-        **montage_output(),
     log:
         f"{RES}/logs/synthesize_cohort.log",
     benchmark:

@@ -73,6 +73,12 @@ def train_params():
     return json.dumps({k: config[k] for k in keys}, separators=(",", ":"))
 
 
+def train_priority(wildcards):
+    """Dual-pathway variants (about twice the work of a single one) start first, so that the
+    cores stay busy to the end instead of one long job running alone."""
+    return len(config["variants"][wildcards.variant]["pathways"])
+
+
 def infer_params():
     """What `cpmn infer` needs from the config."""
     return json.dumps(

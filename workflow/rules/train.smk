@@ -18,6 +18,7 @@ rule train:
         f"{RES}/logs/train/{{variant}}.log",
     benchmark:
         f"{RES}/benchmarks/train/{{variant}}.tsv"
+    priority: train_priority
     conda:
         "../../envs/torch.yaml"
     threads: 1
