@@ -13,7 +13,9 @@ For each patient of the split the stored (preprocessed) volume of the variant's 
   (``model.cls_level``), over the same sliding windows.
 
 Masks and CAMs are written for the splits in ``infer.mask_splits`` / ``infer.cam_splits`` (default: test,
-which is where Dice and Fig. 2b are measured) so that the validation split costs only its classifier passes.
+which is where Dice and Fig. 2b are measured); with ``infer.score: centre`` or ``max`` the validation split
+then costs only its classifier passes. A variant may set its own ``score`` (e.g. a classification-only
+baseline, ``seg_weight: 0``, needs ``score: centre``).
 Grad-CAM needs a backward pass per window; with ``infer.cam_positives_only`` (default) it is computed for the
 PE-positive patients only, which is what Fig. 2b shows.
 """
@@ -190,15 +192,18 @@ def infer_split(
     from monai.visualize import GradCAM
 
     from cpmn.data.preprocess import to_original_grid
-    from cpmn.variants import load_for_inference
+    from cpmn.variants import inference_phase, load_checkpoint_model, variant_score
 
     p = {**DEFAULTS, **(params or {})}
     patch = tuple(int(v) for v in patch_size)
     out_tsv = Path(out_tsv)
     out_dir = out_tsv.parent
     masks_dir = out_dir / split
-    pathway, phase = load_for_inference(model_path, device)
+    model, ckpt = load_checkpoint_model(model_path, device)
+    phase = inference_phase(ckpt["variant"])
+    pathway = model.pathway(phase)
     pathway.eval()
+    p = variant_score(ckpt["variant"], p)  # a variant may set its own score
     cls_head = ClassifierHead(pathway)
     splits = pd.read_csv(splits_tsv, sep="\t", dtype={"patient_id": str})
     ids = splits.loc[splits["split"] == split, "patient_id"].tolist()

@@ -41,7 +41,14 @@ from cpmn.config import add_config_arguments, resolve
 from cpmn.data.dataset import IndexRange, PatchDataset, load_patient
 from cpmn.errors import InputError, atomic_path, report
 from cpmn.losses import TERMS
-from cpmn.variants import MODEL_DEFAULTS, build_loss, build_model, inference_phase, variant_entry
+from cpmn.variants import (
+    MODEL_DEFAULTS,
+    build_loss,
+    build_model,
+    inference_phase,
+    variant_entry,
+    variant_score,
+)
 
 #: defaults of the ``train:`` section (config/config.yaml)
 TRAIN_DEFAULTS: dict[str, Any] = {
@@ -208,7 +215,10 @@ def train_variant(
     from cpmn.infer import DEFAULTS as INFER_DEFAULTS
     from cpmn.infer import patient_score
 
-    icfg = {**INFER_DEFAULTS, **(cfg.get("infer") or {})}
+    try:
+        icfg = variant_score(entry, {**INFER_DEFAULTS, **(cfg.get("infer") or {})})
+    except ValueError as err:
+        raise ValueError(f"variant {variant}: {err}") from err
     patch_size = [int(s) for s in pcfg["size"]]
     if min(patch_size) < 32:
         raise ValueError(f"patches.size {patch_size}: every axis must be >= 32 (the encoder's stride)")

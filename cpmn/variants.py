@@ -57,7 +57,25 @@ def variant_entry(name: str, cfg: Mapping[str, Any]) -> dict[str, Any]:
         "lambda3": float(raw.get("lambda3", 0.0)),
         "seg_weight": float(raw.get("seg_weight", 1.0)),
         "backbone": str(raw.get("backbone", model_cfg["backbone"])),
+        "score": str(raw["score"]) if raw.get("score") else None,
     }
+
+
+def variant_score(entry: Mapping[str, Any], infer_cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """``infer_cfg`` with the variant's own ``score`` (if it sets one) in place of ``infer.score``.
+
+    A variant without segmentation (``seg_weight: 0``) cannot be scored by its mask volume: that fails here
+    with the variant's name rather than giving every patient a score from an untrained head.
+    """
+    out = dict(infer_cfg)
+    if entry.get("score"):
+        out["score"] = entry["score"]
+    if out.get("score") == "seg_volume" and float(entry.get("seg_weight", 1.0)) == 0.0:
+        raise ValueError(
+            "a variant with seg_weight 0 trains no segmentation, so infer.score seg_volume cannot score it;"
+            " give the variant its own score (e.g. score: centre)"
+        )
+    return out
 
 
 def inference_phase(entry: Mapping[str, Any]) -> str:

@@ -191,3 +191,19 @@ def test_unknown_score_is_rejected(study):
     pathway = study["model"].pathway("nct")
     with pytest.raises(ValueError, match="infer.score"):
         patient_score(pathway, np.zeros((32, 32, 32), np.float32), (1, 1, 1), P, {"score": "median"})
+
+
+def test_a_variant_sets_its_own_score_and_seg_free_variants_need_one():
+    from cpmn.variants import variant_score
+
+    cfg = {"variants": {"cls": {"pathways": ["nct"], "seg_weight": 0.0}}}
+    bare = variant_entry("cls", cfg)
+    with pytest.raises(ValueError, match="seg_weight 0"):
+        variant_score(bare, {"score": "seg_volume"})
+    own = variant_entry("cls", {"variants": {"cls": {**cfg["variants"]["cls"], "score": "centre"}}})
+    assert variant_score(own, {"score": "seg_volume", "overlap": 0.25}) == {
+        "score": "centre",
+        "overlap": 0.25,
+    }
+    seg = variant_entry("nct", {"variants": {"nct": {"pathways": ["nct"]}}})
+    assert variant_score(seg, {"score": "seg_volume"})["score"] == "seg_volume"
