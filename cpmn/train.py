@@ -215,10 +215,9 @@ def train_variant(
     from cpmn.infer import DEFAULTS as INFER_DEFAULTS
     from cpmn.infer import patient_score
 
-    try:
-        icfg = variant_score(entry, {**INFER_DEFAULTS, **(cfg.get("infer") or {})})
-    except ValueError as err:
-        raise ValueError(f"variant {variant}: {err}") from err
+    icfg = variant_score(
+        entry, {**INFER_DEFAULTS, **(cfg.get("infer") or {})}
+    )  # `cpmn train` names the variant
     patch_size = [int(s) for s in pcfg["size"]]
     if min(patch_size) < 32:
         raise ValueError(f"patches.size {patch_size}: every axis must be >= 32 (the encoder's stride)")
