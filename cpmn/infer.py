@@ -144,7 +144,7 @@ def seg_volume_score(mask: np.ndarray | torch.Tensor, spacing_mm: Sequence[float
 def patient_score(
     pathway: nn.Module,
     volume: np.ndarray,
-    spacing_mm: Sequence[float],
+    spacing_mm: Sequence[float] | None,
     patch: Sequence[int],
     params: dict[str, Any] | None = None,
     device: str | torch.device = "cpu",
@@ -157,6 +157,8 @@ def patient_score(
     p = {**DEFAULTS, **(params or {})}
     if p["score"] not in SCORES:
         raise ValueError(f"unknown infer.score {p['score']!r}; expected one of {SCORES}")
+    if p["score"] == "seg_volume" and spacing_mm is None:
+        raise ValueError("infer.score seg_volume needs the voxel spacing; the preprocessed volume has none")
     if p["score"] == "centre":
         return float(centre_patch_score(pathway, volume, patch, device)), None
     vol = torch.from_numpy(np.ascontiguousarray(volume, dtype=np.float32))[None, None].to(device)
@@ -192,18 +194,15 @@ def infer_split(
     from monai.visualize import GradCAM
 
     from cpmn.data.preprocess import to_original_grid
-    from cpmn.variants import inference_phase, load_checkpoint_model, variant_score
+    from cpmn.variants import load_for_inference, variant_score
 
     p = {**DEFAULTS, **(params or {})}
     patch = tuple(int(v) for v in patch_size)
     out_tsv = Path(out_tsv)
     out_dir = out_tsv.parent
     masks_dir = out_dir / split
-    model, ckpt = load_checkpoint_model(model_path, device)
-    phase = inference_phase(ckpt["variant"])
-    pathway = model.pathway(phase)
-    pathway.eval()
-    p = variant_score(ckpt["variant"], p)  # a variant may set its own score
+    pathway, phase, entry = load_for_inference(model_path, device)
+    p = variant_score(entry, p)  # a variant may set its own score
     cls_head = ClassifierHead(pathway)
     splits = pd.read_csv(splits_tsv, sep="\t", dtype={"patient_id": str})
     ids = splits.loc[splits["split"] == split, "patient_id"].tolist()
@@ -215,7 +214,8 @@ def infer_split(
     for pid in tqdm(ids, desc=f"infer {split}", unit="patient"):
         npz = np.load(Path(preprocessed_dir) / f"{pid}.npz")
         vol = torch.from_numpy(np.ascontiguousarray(npz[phase], dtype=np.float32))[None, None].to(device)
-        prob, mask = patient_score(pathway, npz[phase], npz["spacing"], patch, p, device)
+        spacing = npz["spacing"] if "spacing" in npz.files else None
+        prob, mask = patient_score(pathway, npz[phase], spacing, patch, p, device)
         row: dict[str, Any] = {"patient_id": pid, "split": split, "label": int(npz["label"]), "prob": prob}
         orig_affine = np.asarray(npz["orig_affine"], dtype=float)
         if write_masks:

@@ -215,9 +215,8 @@ def train_variant(
     from cpmn.infer import DEFAULTS as INFER_DEFAULTS
     from cpmn.infer import patient_score
 
-    icfg = variant_score(
-        entry, {**INFER_DEFAULTS, **(cfg.get("infer") or {})}
-    )  # `cpmn train` names the variant
+    # the validation score: infer.score or the variant's own (a bad pairing fails here; `cpmn train` names it)
+    icfg = variant_score(entry, {**INFER_DEFAULTS, **(cfg.get("infer") or {})})
     patch_size = [int(s) for s in pcfg["size"]]
     if min(patch_size) < 32:
         raise ValueError(f"patches.size {patch_size}: every axis must be >= 32 (the encoder's stride)")
@@ -246,8 +245,7 @@ def train_variant(
         vol = load_patient(pid, preprocessed_dir)
         if int(vol["label"]) not in (0, 1):
             raise InputError(pid, Path(preprocessed_dir) / f"{pid}.npz", "label must be 0 or 1")
-        spacing = vol["spacing"] if "spacing" in vol else np.ones(3)  # only seg_volume reads it
-        val_data.append((pid, vol[phase], int(vol["label"]), spacing))
+        val_data.append((pid, vol[phase], int(vol["label"]), vol.get("spacing")))
     dataset = PatchDataset(
         train_ids,
         preprocessed_dir,

@@ -173,10 +173,12 @@ def load_checkpoint_model(path: str | Path, device: str | torch.device = "cpu") 
     return model.to(device).eval(), ckpt
 
 
-def load_for_inference(path: str | Path, device: str | torch.device = "cpu") -> tuple[Pathway, str]:
-    """``(pathway, phase)`` from a trained ``model.pt``: Ω2 and ``"nct"`` for dual variants, else the single
-    pathway and its phase. The pathway is in eval mode on ``device``; ``pathway(x)`` with ``x``
-    ``(B, 1, X, Y, Z)`` returns a :class:`~cpmn.model.PathwayOutput`."""
+def load_for_inference(
+    path: str | Path, device: str | torch.device = "cpu"
+) -> tuple[Pathway, str, dict[str, Any]]:
+    """``(pathway, phase, entry)`` from a trained ``model.pt``: Ω2 and ``"nct"`` for dual variants, else the
+    single pathway and its phase, and the variant entry it was trained with. The pathway is in eval mode on
+    ``device``; ``pathway(x)`` with ``x`` ``(B, 1, X, Y, Z)`` returns a :class:`~cpmn.model.PathwayOutput`."""
     model, ckpt = load_checkpoint_model(path, device)
     phase = inference_phase(ckpt["variant"])
-    return model.pathway(phase), phase
+    return model.pathway(phase), phase, ckpt["variant"]

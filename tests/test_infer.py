@@ -79,16 +79,19 @@ def study(tmp_path):
     }
 
 
+def _infer_test(study, out, params, **kwargs):
+    """``infer_split`` of the study fixture's test split with patch P."""
+    return infer_split(
+        study["ckpt"], study["splits"], "test", study["pre"], out, patch_size=P, params=params, **kwargs
+    )
+
+
 def test_infer_writes_contract_and_masks_on_original_grid(study):
     out = study["tmp"] / "pred" / "nct" / "test.tsv"
-    df = infer_split(
-        study["ckpt"],
-        study["splits"],
-        "test",
-        study["pre"],
+    df = _infer_test(
+        study,
         out,
-        patch_size=P,
-        params={"cam_positives_only": False},
+        {"cam_positives_only": False},
         nifti_dir=study["nifti"],
         ref_template=str(study["nifti"] / "{patient}" / "mask.nii.gz"),
     )
@@ -148,7 +151,7 @@ def test_cam_target_is_the_classifier_input(study):
 
 def test_cam_for_positives_only_by_default(study):
     out = study["tmp"] / "pred2" / "test.tsv"
-    df = infer_split(study["ckpt"], study["splits"], "test", study["pre"], out, patch_size=P)
+    df = _infer_test(study, out, None)
     assert df.set_index("patient_id")["cam"].notna().to_dict() == {"A1": True, "B2": False}
     assert df["mask"].notna().all()
 
@@ -165,15 +168,7 @@ def test_seg_volume_prob_is_the_predicted_mask_volume(study):
     """infer.score: seg_volume writes V / (V + half) of the very mask it writes (on the preprocessed grid)."""
     out = study["tmp"] / "pred_seg" / "nct" / "test.tsv"
     half = 0.5
-    infer_split(
-        study["ckpt"],
-        study["splits"],
-        "test",
-        study["pre"],
-        out,
-        patch_size=P,
-        params={"score": "seg_volume", "seg_volume_half_ml": half, "cam_splits": []},
-    )
+    _infer_test(study, out, {"score": "seg_volume", "seg_volume_half_ml": half, "cam_splits": []})
     back = pd.read_csv(out, sep="\t", dtype={"patient_id": str})
     pathway = study["model"].pathway("nct").eval()
     for _, row in back.iterrows():

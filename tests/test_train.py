@@ -46,7 +46,14 @@ def cohort(tmp_path_factory):
         if k == 0:
             mask[16:24, 16:24, 8:14] = 1
         ctpa = nct + 0.5 * mask
-        np.savez(pre / f"{pid}.npz", nct=nct + 0.2 * mask, ctpa=ctpa, mask=mask, label=np.array(1 - k))
+        np.savez(
+            pre / f"{pid}.npz",
+            nct=nct + 0.2 * mask,
+            ctpa=ctpa,
+            mask=mask,
+            label=np.array(1 - k),
+            spacing=np.array([5.0, 5.0, 5.0]),
+        )
         centres = (
             np.array([[20, 20, 11], [5, 5, 5], [35, 30, 20]])
             if k == 0
@@ -175,7 +182,7 @@ def test_resume_after_kill_equals_straight_run(cohort, tmp_path):
     for a, b in zip(straight["rows"], resumed["rows"], strict=True):
         assert a["L_total"] == pytest.approx(b["L_total"], rel=1e-6)
     assert 0.0 <= resumed["best_val_auc"] <= 1.0
-    pathway, phase = load_for_inference(tmp_path / "b" / "model.pt", "cpu")
+    pathway, phase, _ = load_for_inference(tmp_path / "b" / "model.pt", "cpu")
     assert phase == "nct"
     assert torch.equal(pathway.unet.encoder.stages[0][0].weight, _weights(tmp_path / "b" / "model.pt")[STEM])
 
@@ -194,7 +201,7 @@ def test_seed_determinism_and_inference_pathway(cohort, tmp_path):
     assert all(torch.equal(runs["a"][k], runs["b"][k]) for k in runs["a"])
     assert not torch.equal(runs["a"][key], runs["c"][key])
     # inference uses Ω2 on NCT, with the weights of model.pt
-    pathway, phase = load_for_inference(tmp_path / "a" / "model.pt", "cpu")
+    pathway, phase, _ = load_for_inference(tmp_path / "a" / "model.pt", "cpu")
     assert phase == "nct"
     stem = pathway.unet.encoder.stages[0][0].weight
     assert torch.equal(stem, runs["a"][key])
