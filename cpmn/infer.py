@@ -16,6 +16,9 @@ Masks and CAMs are written for the splits in ``infer.mask_splits`` / ``infer.cam
 which is where Dice and Fig. 2b are measured); with ``infer.score: centre`` or ``max`` the validation split
 then costs only its classifier passes. A variant may set its own ``score`` (e.g. a classification-only
 baseline, ``seg_weight: 0``, needs ``score: centre``).
+Every score of ``infer.compare_scores`` other than ``infer.score`` is written too, as a ``prob_<score>``
+column, so that one trained model is scored both ways (``cpmn evaluate`` tabulates them: see
+:func:`cpmn.evaluate.score_comparison`); the ``score`` column names the score of ``prob``.
 Grad-CAM needs a backward pass per window; with ``infer.cam_positives_only`` (default) it is computed for the
 PE-positive patients only, which is what Fig. 2b shows.
 """
@@ -48,6 +51,7 @@ DEFAULTS: dict[str, Any] = {
     "mask_splits": ["test"],
     "cam_splits": ["test"],
     "cam_positives_only": True,
+    "compare_scores": [],
 }
 
 
@@ -173,6 +177,24 @@ def patient_score(
     return seg_volume_score(mask, spacing_mm, float(p["seg_volume_half_ml"])), mask
 
 
+def compare_scores(params: dict[str, Any], entry: dict[str, Any]) -> list[str]:
+    """The scores of ``params["compare_scores"]`` written besides ``params["score"]`` for a variant.
+
+    The primary score and repeats are dropped; ``seg_volume`` is dropped for a variant that trains no
+    segmentation (``seg_weight`` 0). An unknown score raises ``ValueError``.
+    """
+    out: list[str] = []
+    for s in params.get("compare_scores") or []:
+        if s not in SCORES:
+            raise ValueError(f"unknown infer.compare_scores entry {s!r}; expected one of {SCORES}")
+        if s == params["score"] or s in out:
+            continue
+        if s == "seg_volume" and float(entry.get("seg_weight", 1.0)) == 0.0:
+            continue
+        out.append(s)
+    return out
+
+
 def infer_split(
     model_path: str | os.PathLike,
     splits_tsv: str | os.PathLike,
@@ -187,8 +209,9 @@ def infer_split(
 ) -> pd.DataFrame:
     """Predict every patient of ``split`` and write the predictions TSV (docs/contracts.md).
 
-    Returns the predictions table: ``patient_id, split, label, prob`` and, where written, the ``mask``,
-    ``cam``, ``image`` and ``ref_mask`` paths (relative to the TSV's folder).
+    Returns the predictions table: ``patient_id, split, label, prob, score`` (the name of ``prob``'s
+    score), a ``prob_<score>`` column per score of :func:`compare_scores` and, where written, the
+    ``mask``, ``cam``, ``image`` and ``ref_mask`` paths (relative to the TSV's folder).
     """
     from monai.inferers import sliding_window_inference
     from monai.visualize import GradCAM
@@ -203,6 +226,7 @@ def infer_split(
     masks_dir = out_dir / split
     pathway, phase, entry = load_for_inference(model_path, device)
     p = variant_score(entry, p)  # a variant may set its own score
+    alternatives = compare_scores(p, entry)
     cls_head = ClassifierHead(pathway)
     splits = pd.read_csv(splits_tsv, sep="\t", dtype={"patient_id": str})
     ids = splits.loc[splits["split"] == split, "patient_id"].tolist()
@@ -217,6 +241,16 @@ def infer_split(
         spacing = npz["spacing"] if "spacing" in npz.files else None
         prob, mask = patient_score(pathway, npz[phase], spacing, patch, p, device)
         row: dict[str, Any] = {"patient_id": pid, "split": split, "label": int(npz["label"]), "prob": prob}
+        row["score"] = p["score"]
+        for alt in alternatives:
+            if alt == "seg_volume" and mask is not None:
+                half = float(p["seg_volume_half_ml"])
+                row[f"prob_{alt}"] = seg_volume_score(mask, spacing, half)
+            else:
+                row[f"prob_{alt}"], alt_mask = patient_score(
+                    pathway, npz[phase], spacing, patch, {**p, "score": alt}, device
+                )
+                mask = alt_mask if mask is None else mask
         orig_affine = np.asarray(npz["orig_affine"], dtype=float)
         if write_masks:
             if mask is None:

@@ -373,3 +373,71 @@ def test_cli_missing_variant_and_bad_input(study, tmp_path, capsys):
     assert rc == 1 and len(err) == 1
     assert err[0] == f"ERROR patient {f[0]}: {bad / 'test.tsv'}: label must be 0 or 1, got '2'"
     assert not out2.exists()
+
+
+def _with_alternative(src: Path, dst: Path, seed: int = 1) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Copy a variant's predictions adding ``score`` (seg_volume) and ``prob_centre`` (a noisier score)."""
+    rng = np.random.default_rng(seed)
+    dst.mkdir(parents=True)
+    for split in ("val", "test"):
+        rows = _read(src / f"{split}.tsv")
+        header = list(rows[0])
+        lines = ["\t".join([*header[:4], "score", "prob_centre", *header[4:]])]
+        for r in rows:
+            alt = 1 / (1 + math.exp(-(2.0 * rng.normal() + 1.0 * (int(r["label"]) - 0.5))))
+            r["prob_centre"] = f"{alt:.6f}"
+            vals = [r[h] for h in header[:4]] + ["seg_volume", r["prob_centre"]]
+            # mask and cam paths are relative to the TSV's folder: point them at the source's files
+            vals += [f"../{src.name}/{r[h]}" if r[h] and h in ("mask", "cam") else r[h] for h in header[4:]]
+            lines.append("\t".join(vals))
+        (dst / f"{split}.tsv").write_text("\n".join(lines) + "\n")
+    test = _read(dst / "test.tsv")
+    y = np.array([int(r["label"]) for r in test])
+    return y, np.array([float(r["prob"]) for r in test]), np.array([float(r["prob_centre"]) for r in test])
+
+
+def test_score_comparison_tabulates_each_score_of_a_model(study, tmp_path):
+    root, _ = study
+    d = root / "predictions" / "cmp"
+    y, prob, alt = _with_alternative(root / "predictions" / "cpmn", d)
+    out = evaluate_study(
+        {"nct": root / "predictions" / "nct", "cmp": d},
+        tmp_path / "t",
+        tmp_path / "f",
+        tmp_path / "s.json",
+        cfg={
+            **FAST,
+            "table1": [{"variant": "cmp", "label": "Mine"}],
+            "table2": {"reference": "cmp", "rows": []},
+        },
+    )
+    rows = [r for r in out["score_comparison"] if r["variant"] == "cmp"]
+    assert [(r["score"], r["primary"]) for r in rows] == [("seg_volume", True), ("centre", False)]
+    assert rows[0]["auc"] == pytest.approx(roc_auc_score(y, prob), abs=1e-12)
+    assert rows[1]["auc"] == pytest.approx(roc_auc_score(y, alt), abs=1e-12)
+    assert rows[1]["auc"] < rows[0]["auc"]  # the alternative is noisier by construction
+    ref = stats.delong_test(y, prob, alt)
+    assert rows[1]["delong"]["p"] == pytest.approx(ref.p, rel=1e-12) and rows[0]["delong"] is None
+    # nct has no score column and no alternatives: one row named "prob"
+    assert [(r["score"], r["primary"]) for r in out["score_comparison"] if r["variant"] == "nct"] == [
+        ("prob", True)
+    ]
+    table = _read(tmp_path / "t" / "score_comparison.tsv")
+    mine = [r for r in table if r["Method"] == "Mine"]
+    assert [r["Score"] for r in mine] == ["seg_volume *", "centre"]
+    cell = parse_cell(mine[1]["AUC"])
+    assert cell["value"] == pytest.approx(rows[1]["auc"], abs=5e-4)
+    assert float(mine[1]["p vs primary (DeLong)"]) == pytest.approx(ref.p, rel=1e-2)
+
+
+def test_a_non_finite_alternative_score_is_one_error(study, tmp_path):
+    root, _ = study
+    d = tmp_path / "cmp"
+    _with_alternative(root / "predictions" / "cpmn", d)
+    lines = (d / "test.tsv").read_text().splitlines()
+    f = lines[2].split("\t")
+    f[5] = "nan"
+    lines[2] = "\t".join(f)
+    (d / "test.tsv").write_text("\n".join(lines) + "\n")
+    with pytest.raises(Exception, match=f"patient {f[0]}.*prob_centre is not a finite number"):
+        M.load_predictions(d / "test.tsv", "test")

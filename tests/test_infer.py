@@ -202,3 +202,43 @@ def test_a_variant_sets_its_own_score_and_seg_free_variants_need_one():
     }
     seg = variant_entry("nct", {"variants": {"nct": {"pathways": ["nct"]}}})
     assert variant_score(seg, {"score": "seg_volume"})["score"] == "seg_volume"
+
+
+def test_compare_scores_writes_each_score_of_the_same_model(study):
+    """infer.score seg_volume with compare_scores [centre, max]: prob is the volume score, prob_centre the
+    classifier on the centre patch and prob_max the classifier's maximum over the windows."""
+    out = study["tmp"] / "pred_cmp" / "nct" / "test.tsv"
+    params = {"score": "seg_volume", "seg_volume_half_ml": 0.5, "compare_scores": ["centre", "max"]}
+    _infer_test(study, out, {**params, "cam_splits": []})
+    back = pd.read_csv(out, sep="\t", dtype={"patient_id": str})
+    assert list(back.columns[:7]) == [
+        "patient_id",
+        "split",
+        "label",
+        "prob",
+        "score",
+        "prob_centre",
+        "prob_max",
+    ]
+    assert set(back["score"]) == {"seg_volume"}
+    pathway = study["model"].pathway("nct").eval()
+    for _, row in back.iterrows():
+        npz = np.load(study["pre"] / f"{row.patient_id}.npz")
+        vol = torch.from_numpy(npz["nct"].astype(np.float32))[None, None]
+        mask = segment(pathway, vol, P, {"sw_batch_size": 2, "overlap": 0.25})
+        assert row.prob == pytest.approx(seg_volume_score(mask, npz["spacing"], 0.5), abs=1e-5)
+        assert row.prob_centre == pytest.approx(centre_patch_score(pathway, npz["nct"], P, "cpu"), abs=1e-5)
+        assert row.prob_max == pytest.approx(window_scores(pathway, vol, P, 0.25), abs=1e-5)
+
+
+def test_compare_scores_drops_the_primary_and_seg_volume_without_segmentation():
+    from cpmn.infer import compare_scores
+
+    seg = {"seg_weight": 1.0}
+    assert compare_scores({"score": "centre", "compare_scores": ["centre", "seg_volume", "max"]}, seg) == [
+        "seg_volume",
+        "max",
+    ]
+    assert compare_scores({"score": "centre", "compare_scores": ["seg_volume"]}, {"seg_weight": 0.0}) == []
+    with pytest.raises(ValueError, match="compare_scores entry 'median'"):
+        compare_scores({"score": "centre", "compare_scores": ["median"]}, seg)

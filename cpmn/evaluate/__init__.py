@@ -79,7 +79,8 @@ def evaluate_study(
     Args:
         predictions: variant -> folder holding ``test.tsv`` (and ``val.tsv``, needed unless the threshold
             method is ``fixed``).
-        out_tables: folder for ``table1_ablation.{tsv,md,tex}`` and ``table2_comparison.{tsv,md,tex}``.
+        out_tables: folder for ``table1_ablation.{tsv,md,tex}``, ``table2_comparison.{tsv,md,tex}`` and
+            ``score_comparison.{tsv,md}`` (:func:`cpmn.evaluate.metrics.score_comparison`).
         out_figures: folder for ``fig2a_roc.{png,pdf}`` and ``fig2b_case.{png,pdf}``.
         stats_path: the JSON with every metric, CI, threshold, p-value and warning.
         readers: optional reader-study TSV (``reader, patient_id, decision``).
@@ -171,6 +172,9 @@ def evaluate_study(
     try:
         written += tables.write_table(t1, out_tables, "table1_ablation")
         written += tables.write_table(t2, out_tables, "table2_comparison")
+        label_of = {r["variant"]: r["label"] for r in [*c["table2"]["rows"], *c["table1"]]}
+        score_rows = [(label_of.get(v, v), row) for v, e in evals.items() for row in M.score_comparison(e)]
+        written += tables.write_score_table(score_rows, out_tables, "score_comparison")
         written += figures.fig2a_roc(methods, reader_res, out_figures)
         case_v = ref2 if ref2 in evals else methods[0][1].variant
         case_label = next((lab for lab, e in methods if e.variant == case_v), case_v)
@@ -189,6 +193,7 @@ def evaluate_study(
             "variants": metrics,
             "comparisons": [comparisons[k] for k in comparisons],
             "readers": reader_res,
+            "score_comparison": [row for _, row in score_rows],
             "fig2b_case": case,
             "tables": {
                 "table1_ablation": [

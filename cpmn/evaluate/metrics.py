@@ -54,6 +54,10 @@ class Predictions:
     label: np.ndarray  # (N,) int 0/1
     prob: np.ndarray  # (N,) float
     paths: dict[str, list[Path | None]] = field(default_factory=dict)
+    #: the name of ``prob``'s score (the ``score`` column; ``None`` when the file has none)
+    score: str | None = None
+    #: alternative scores of the same patients, ``{score: (N,)}`` (the ``prob_<score>`` columns)
+    extra: dict[str, np.ndarray] = field(default_factory=dict)
 
     def path_of(self, column: str, i: int) -> Path | None:
         col = self.paths.get(column)
@@ -74,10 +78,12 @@ def _read_tsv(path: Path) -> tuple[list[str], list[dict[str, str]]]:
 
 
 def load_predictions(path: str | Path, split: str | None = None) -> Predictions:
-    """Read and check one predictions TSV (``patient_id, split, label, prob`` + optional paths).
+    """Read and check one predictions TSV (``patient_id, split, label, prob`` + optional paths, the
+    optional ``score`` name and ``prob_<score>`` alternative scores).
 
     Raises:
-        InputError: a missing column, a label not 0/1, a non-finite prob, a duplicate patient or a
+        InputError: a missing column, a label not 0/1, a non-finite prob (or alternative score), a
+            duplicate patient or a
             split value that differs from ``split`` — naming the patient and the file.
     """
     path = Path(path)
@@ -88,6 +94,7 @@ def load_predictions(path: str | Path, split: str | None = None) -> Predictions:
     if not rows:
         raise InputError(None, path, "no rows")
     pids, labels, probs = [], [], []
+    extra: dict[str, list[float]] = {c[len("prob_") :]: [] for c in header if c.startswith("prob_")}
     paths: dict[str, list[Path | None]] = {c: [] for c in PATH_COLUMNS if c in header}
     seen: set[str] = set()
     for row in rows:
@@ -110,6 +117,14 @@ def load_predictions(path: str | Path, split: str | None = None) -> Predictions:
             raise InputError(pid, path, f"label must be 0 or 1, got {row['label']!r}")
         if not math.isfinite(prob):
             raise InputError(pid, path, f"prob is not finite ({row['prob']!r})")
+        for name, values in extra.items():
+            try:
+                x = float(row[f"prob_{name}"])
+            except (TypeError, ValueError):
+                x = float("nan")
+            if not math.isfinite(x):
+                raise InputError(pid, path, f"prob_{name} is not a finite number ({row[f'prob_{name}']!r})")
+            values.append(x)
         pids.append(pid)
         labels.append(int(lab))
         probs.append(prob)
@@ -123,6 +138,8 @@ def load_predictions(path: str | Path, split: str | None = None) -> Predictions:
         label=np.array(labels, dtype=int),
         prob=np.array(probs, dtype=float),
         paths=paths,
+        score=(rows[0].get("score") or "").strip() or None if "score" in header else None,
+        extra={k: np.array(v, dtype=float) for k, v in extra.items()},
     )
 
 
@@ -448,3 +465,33 @@ def _masked_mean(values: np.ndarray, cls: np.ndarray, i: np.ndarray) -> np.ndarr
     w = cls[i]
     with np.errstate(invalid="ignore", divide="ignore"):
         return (values[i] * w).sum(axis=1) / w.sum(axis=1)
+
+
+def score_comparison(ev: VariantEval) -> list[dict[str, Any]]:
+    """The test AUC of a variant's primary score and of each alternative score of the same model.
+
+    One row per score: ``{"variant", "score", "primary", "n", "auc", "ci_delong", "delong"}``; ``delong``
+    (alternative rows only) is the paired DeLong test of the alternative against the primary score on the
+    same patients (:func:`cpmn.stats.delong_test`, ``a`` = primary). AUC and CI are NaN / None when the
+    test split holds one class only.
+    """
+    y = ev.label
+    both = bool(len(y)) and y.min() == 0 and y.max() == 1
+    rows = []
+    for name, scores in [(ev.test.score or "prob", ev.prob), *ev.test.extra.items()]:
+        row: dict[str, Any] = {
+            "variant": ev.variant,
+            "score": name,
+            "primary": scores is ev.prob,
+            "n": int(len(y)),
+            "auc": float("nan"),
+            "ci_delong": None,
+            "delong": None,
+        }
+        if both:
+            ci = stats.delong_ci(y, scores)
+            row["auc"], row["ci_delong"] = ci.auc, list(ci.ci)
+            if scores is not ev.prob:
+                row["delong"] = stats.delong_test(y, ev.prob, scores).to_dict()
+        rows.append(row)
+    return rows

@@ -219,3 +219,37 @@ def _latex(table: Table) -> str:
         lines.append("\\par\\smallskip\\footnotesize " + " ".join(_tex_escape(n) for n in table.notes))
     lines.append("\\end{table}")
     return "\n".join(lines) + "\n"
+
+
+SCORE_HEADER = ("Method", "Score", "AUC", "p vs primary (DeLong)")
+
+
+def write_score_table(rows: list[tuple[str, dict[str, Any]]], out_dir: str | Path, stem: str) -> list[Path]:
+    """The score comparison (``stem.tsv``, ``stem.md``): per method, the test AUC (95 % DeLong CI) of its
+    primary score (``infer.score``, marked ``*``) and of each ``infer.compare_scores`` alternative of the
+    same model, with the paired DeLong p against the primary score. ``rows``: (label, row of
+    :func:`cpmn.evaluate.metrics.score_comparison`)."""
+    out_dir = Path(out_dir)
+    lines = []
+    for label, r in rows:
+        ci = tuple(r["ci_delong"]) if r["ci_delong"] else None
+        auc = Cell("auc", r["auc"] if math.isfinite(r["auc"]) else None, ci).text()
+        p = DASH if not r["delong"] else f"{r['delong']['p']:.3g}"
+        lines.append([label, r["score"] + (" *" if r["primary"] else ""), auc, p])
+    tsv = "\t".join(SCORE_HEADER) + "\n" + "".join("\t".join(row) + "\n" for row in lines)
+    md = "**Score comparison: the same models scored each way (test split)**\n\n"
+    md += "| " + " | ".join(SCORE_HEADER) + " |\n|:---|:---|---:|---:|\n"
+    md += "".join("| " + " | ".join(c.replace("|", "\\|") for c in row) + " |\n" for row in lines)
+    md += (
+        "\n* the primary score (`infer.score`), the one Tables 1 and 2 report. "
+        "Alternatives: `infer.compare_scores`.\n"
+    )
+    if not lines:
+        md += "\nNo predictions.\n"
+    paths = []
+    for ext, text in (("tsv", tsv), ("md", md)):
+        final = out_dir / f"{stem}.{ext}"
+        with atomic_path(final) as tmp:
+            tmp.write_text(text, encoding="utf-8")
+        paths.append(final)
+    return paths

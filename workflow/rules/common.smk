@@ -158,6 +158,7 @@ def final_outputs():
     out = [
         f"{RES}/tables/table1_ablation.tsv",
         f"{RES}/tables/table2_comparison.tsv",
+        f"{RES}/tables/score_comparison.tsv",
         f"{RES}/figures/fig2a_roc.png",
         f"{RES}/figures/fig2b_case.png",
         f"{RES}/stats.json",

@@ -16,6 +16,11 @@ rule evaluate:
             caption="../report/table2.rst",
             category="Tables",
         ),
+        scores=report(
+            f"{RES}/tables/score_comparison.tsv",
+            caption="../report/score_comparison.rst",
+            category="Tables",
+        ),
         roc=report(
             f"{RES}/figures/fig2a_roc.png",
             caption="../report/fig2a.rst",
