@@ -13,6 +13,9 @@ def check(results: Path) -> list[str]:
     if len(t1) < 5:
         problems.append(f"table1 has {len(t1)} rows, expected 5")
     pd.read_csv(results / "tables/table2_comparison.tsv", sep="\t")
+    sc = pd.read_csv(results / "tables/score_comparison.tsv", sep="\t")
+    if not sc["Score"].str.endswith(" *").any():
+        problems.append("score_comparison has no primary-score row")
     stats = json.loads((results / "stats.json").read_text())
     if not stats:
         problems.append("stats.json is empty")
