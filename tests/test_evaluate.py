@@ -380,7 +380,7 @@ def _with_alternative(src: Path, dst: Path, seed: int = 1) -> tuple[np.ndarray, 
     rng = np.random.default_rng(seed)
     dst.mkdir(parents=True)
     for split in ("val", "test"):
-        rows = _read(src / f"{split}.tsv")
+        rows = _read(src / f"{split}.tsv")[::-1]  # not in patient order: evaluate sorts, columns must follow
         header = list(rows[0])
         lines = ["\t".join([*header[:4], "score", "prob_centre", *header[4:]])]
         for r in rows:

@@ -475,14 +475,15 @@ def score_comparison(ev: VariantEval) -> list[dict[str, Any]]:
     same patients (:func:`cpmn.stats.delong_test`, ``a`` = primary). AUC and CI are NaN / None when the
     test split holds one class only.
     """
-    y = ev.label
+    t = ev.test  # file order: the alternative scores are aligned with it (ev.prob is sorted by patient)
+    y = t.label
     both = bool(len(y)) and y.min() == 0 and y.max() == 1
     rows = []
-    for name, scores in [(ev.test.score or "prob", ev.prob), *ev.test.extra.items()]:
+    for k, (name, scores) in enumerate([(t.score or "prob", t.prob), *t.extra.items()]):
         row: dict[str, Any] = {
             "variant": ev.variant,
             "score": name,
-            "primary": scores is ev.prob,
+            "primary": k == 0,
             "n": int(len(y)),
             "auc": float("nan"),
             "ci_delong": None,
@@ -491,7 +492,7 @@ def score_comparison(ev: VariantEval) -> list[dict[str, Any]]:
         if both:
             ci = stats.delong_ci(y, scores)
             row["auc"], row["ci_delong"] = ci.auc, list(ci.ci)
-            if scores is not ev.prob:
-                row["delong"] = stats.delong_test(y, ev.prob, scores).to_dict()
+            if k > 0:
+                row["delong"] = stats.delong_test(y, t.prob, scores).to_dict()
         rows.append(row)
     return rows
