@@ -18,7 +18,7 @@ then costs only its classifier passes. A variant may set its own ``score`` (e.g.
 baseline, ``seg_weight: 0``, needs ``score: centre``).
 Every score of ``infer.compare_scores`` other than ``infer.score`` is written too, as a ``prob_<score>``
 column, so that one trained model is scored both ways (``cpmn evaluate`` tabulates them: see
-:func:`cpmn.evaluate.score_comparison`); the ``score`` column names the score of ``prob``.
+:func:`cpmn.evaluate.metrics.score_comparison`); the ``score`` column names the score of ``prob``.
 Grad-CAM needs a backward pass per window; with ``infer.cam_positives_only`` (default) it is computed for the
 PE-positive patients only, which is what Fig. 2b shows.
 """

@@ -83,8 +83,8 @@ def load_predictions(path: str | Path, split: str | None = None) -> Predictions:
 
     Raises:
         InputError: a missing column, a label not 0/1, a non-finite prob (or alternative score), a
-            duplicate patient or a
-            split value that differs from ``split`` — naming the patient and the file.
+            duplicate patient or a split value that differs from ``split`` — naming the patient and the
+            file.
     """
     path = Path(path)
     header, rows = _read_tsv(path)

@@ -241,8 +241,8 @@ def write_score_table(rows: list[tuple[str, dict[str, Any]]], out_dir: str | Pat
     md += "| " + " | ".join(SCORE_HEADER) + " |\n|:---|:---|---:|---:|\n"
     md += "".join("| " + " | ".join(c.replace("|", "\\|") for c in row) + " |\n" for row in lines)
     md += (
-        "\n* the primary score (`infer.score`), the one Tables 1 and 2 report. "
-        "Alternatives: `infer.compare_scores`.\n"
+        "\nScore marked *: the primary score (`infer.score`), the one Tables 1 and 2 report; the others are "
+        "`infer.compare_scores`.\n"
     )
     if not lines:
         md += "\nNo predictions.\n"
