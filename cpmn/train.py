@@ -298,8 +298,13 @@ def train_variant(
         model.train()
         sums = dict.fromkeys(TERMS, 0.0)
         t0 = time.perf_counter()
+        # disable=None: tqdm draws only on a terminal; a rule's log file gets the per-epoch lines alone
         bar = tqdm(
-            loader, total=spe, desc=f"{variant} {epoch + 1}/{epochs}", disable=not progress, leave=False
+            loader,
+            total=spe,
+            desc=f"{variant} {epoch + 1}/{epochs}",
+            disable=None if progress else True,
+            leave=False,
         )
         for batch in bar:
             if max_steps is not None and step >= max_steps:
