@@ -183,13 +183,15 @@ def compare_scores(params: dict[str, Any], entry: dict[str, Any]) -> list[str]:
     The primary score and repeats are dropped; ``seg_volume`` is dropped for a variant that trains no
     segmentation (``seg_weight`` 0). An unknown score raises ``ValueError``.
     """
+    from cpmn.variants import trains_segmentation
+
     out: list[str] = []
     for s in params.get("compare_scores") or []:
         if s not in SCORES:
             raise ValueError(f"unknown infer.compare_scores entry {s!r}; expected one of {SCORES}")
         if s == params["score"] or s in out:
             continue
-        if s == "seg_volume" and float(entry.get("seg_weight", 1.0)) == 0.0:
+        if s == "seg_volume" and not trains_segmentation(entry):
             continue
         out.append(s)
     return out

@@ -61,6 +61,11 @@ def variant_entry(name: str, cfg: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
+def trains_segmentation(entry: Mapping[str, Any]) -> bool:
+    """Whether a variant trains its segmentation head (``seg_weight`` > 0), i.e. can be scored by its mask."""
+    return float(entry.get("seg_weight", 1.0)) > 0.0
+
+
 def variant_score(entry: Mapping[str, Any], infer_cfg: Mapping[str, Any]) -> dict[str, Any]:
     """``infer_cfg`` with the variant's own ``score`` (if it sets one) in place of ``infer.score``.
 
@@ -70,7 +75,7 @@ def variant_score(entry: Mapping[str, Any], infer_cfg: Mapping[str, Any]) -> dic
     out = dict(infer_cfg)
     if entry.get("score"):
         out["score"] = entry["score"]
-    if out.get("score") == "seg_volume" and float(entry.get("seg_weight", 1.0)) == 0.0:
+    if out.get("score") == "seg_volume" and not trains_segmentation(entry):
         raise ValueError(
             "a variant with seg_weight 0 trains no segmentation, so infer.score seg_volume cannot score it;"
             " give the variant its own score (e.g. score: centre)"
