@@ -156,6 +156,31 @@ def test_l_total_combines_terms_with_weights():
     assert t1["L_KL"] == 0.0 and t1["L_alig"] == 0.0
 
 
+def test_l_total_term_of_weight_zero_is_logged_but_builds_no_gradient():
+    torch.manual_seed(1)
+    mask = (torch.rand(2, 1, 4, 4, 4) > 0.7).float()
+    label = torch.tensor([1.0, 0.0])
+    leaves = [
+        torch.randn(2, 2, 4, 4, 4),
+        torch.randn(2),
+        torch.randn(2, 3, 4, 4, 4),
+        torch.randn(2, 5, 4, 4, 4),
+    ]
+    o = _out(*[t.requires_grad_() for t in leaves])
+    total, terms = L_Total(("nct",), 0.0, 0.0, 0.0)({"nct": o}, mask, label)
+    total.backward()
+    # L_disc (λ3 = 0) is reported, yet its input received no gradient at all (not even zeros)
+    assert terms["L_disc"] == pytest.approx(float(L_disc()(o.dec.detach(), mask)), rel=1e-6)
+    assert terms["L_disc"] > 0 and o.dec.grad is None
+    ref_seg = o.seg.detach().requires_grad_()
+    (L_clas()(o.cls.detach(), label) + L_seg()(ref_seg, mask)).backward()
+    assert torch.equal(o.seg.grad, ref_seg.grad)
+    # with λ3 > 0 the same call sends L_disc's gradient into the decoder map
+    o.dec.grad = None
+    L_Total(("nct",), 0.0, 0.0, 0.1)({"nct": o}, mask, label)[0].backward()
+    assert o.dec.grad is not None and float(o.dec.grad.abs().sum()) > 0
+
+
 def test_l_total_rejects_transfer_without_two_pathways():
     with pytest.raises(ValueError, match="both pathways"):
         L_Total(("nct",), lambda1=0.25)
