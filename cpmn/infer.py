@@ -237,7 +237,8 @@ def infer_split(
     write_masks = split in p["mask_splits"]
     write_cams = split in p["cam_splits"]
     rows = []
-    for pid in tqdm(ids, desc=f"infer {split}", unit="patient"):
+    # disable=None: the bar draws only on a terminal, not into a rule's log file
+    for pid in tqdm(ids, desc=f"infer {split}", unit="patient", disable=None):
         npz = np.load(Path(preprocessed_dir) / f"{pid}.npz")
         vol = torch.from_numpy(np.ascontiguousarray(npz[phase], dtype=np.float32))[None, None].to(device)
         spacing = npz["spacing"] if "spacing" in npz.files else None
