@@ -31,19 +31,11 @@ from cpmn.variants import build_variant
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def load_cfg() -> tuple[dict, dict]:
-    """config/config.yaml with config/paper.yaml's ``model`` section, and paper.yaml itself."""
-    cfg = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())
-    paper = yaml.safe_load((ROOT / "config" / "paper.yaml").read_text())
-    cfg["model"].update(paper["model"])
-    return cfg, paper
-
-
-def step_flops(variant: str, cfg: dict, size: tuple[int, ...], batch: int = 1) -> float:
-    """FLOPs of one forward + backward of ``variant``'s network at ``batch`` x ``size`` (meta device)."""
+def step_flops(variant: str, cfg: dict, size: tuple[int, ...]) -> float:
+    """FLOPs of one forward + backward of ``variant``'s network on one patch of ``size`` (meta device)."""
     model, _ = build_variant(variant, cfg)
     model = model.to("meta")
-    x = {k: torch.empty(batch, 1, *size, device="meta") for k in ("ctpa", "nct")}
+    x = {k: torch.empty(1, 1, *size, device="meta") for k in ("ctpa", "nct")}
     with FlopCounterMode(display=False) as counter:
         out = model(x)
         sum(o.seg.float().sum() + o.cls.float().sum() for o in out.values()).backward()
@@ -67,17 +59,16 @@ def main() -> None:
     )
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    cfg, paper = load_cfg()
+    cfg = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())
+    paper = yaml.safe_load((ROOT / "config" / "paper.yaml").read_text())
+    cfg["model"].update(paper["model"])
     size = tuple(paper["patches"]["size"])
     t = paper["train"]
     steps, bs = int(t["epochs"]) * int(t["steps_per_epoch"]), int(t["batch_size"])
     for v in ("nct", "cpmn"):
         f = step_flops(v, cfg, size)
         total = f * bs * steps
-        hours = ", ".join(
-            f"{h:.1f} h at {tf:g} TFLOP/s"
-            for tf, h in ((tf, total / (tf * 1e12) / 3600) for tf in args.tflops)
-        )
+        hours = ", ".join(f"{total / (tf * 1e12) / 3600:.1f} h at {tf:g} TFLOP/s" for tf in args.tflops)
         print(
             f"{v}: {f / 1e12:.2f} TFLOP per patch (forward + backward, {size});"
             f" {steps} steps x batch {bs} = {total / 1e18:.2f} EFLOP: {hours}"
