@@ -74,7 +74,7 @@ class ClassifierHead(nn.Module):
         self.pathway = pathway
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.pathway(x).cls.reshape(-1, 1)
+        return self.pathway.classify(x).reshape(-1, 1)
 
 
 def cam_target_layer(head: ClassifierHead) -> str:
@@ -110,7 +110,7 @@ def window_scores(
     best = 0.0
     with torch.no_grad():
         for sl in dense_patch_slices(size, patch, interval):
-            logit = pathway(vol[(slice(None), slice(None), *sl)]).cls
+            logit = pathway.classify(vol[(slice(None), slice(None), *sl)])
             best = max(best, float(torch.sigmoid(logit).max()))
     return best
 

@@ -238,6 +238,15 @@ class Pathway(nn.Module):
         cls = self.classifier(self.cls_input(feats[self.cls_level]))  # (B,)
         return PathwayOutput(seg=seg, cls=cls, enc=feats[self.ifa_level], dec=dec)
 
+    def classify(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` ``(B, 1, X, Y, Z)`` -> ``(B,)`` classifier logit, equal to ``forward(x).cls``.
+
+        Runs the encoder and the classifier only: the centre-patch score and Grad-CAM need no decoder, which
+        at the CPU default is most of a forward pass's cost.
+        """
+        feats = self.unet.encoder(x)
+        return self.classifier(self.cls_input(feats[self.cls_level]))  # (B,)
+
 
 class DualOutput(NamedTuple):
     """Outputs of the two pathways: ``ctpa`` from Ω1, ``nct`` from Ω2 (each a :class:`PathwayOutput`)."""

@@ -119,7 +119,7 @@ def centre_patch_score(
     was_training = pathway.training
     pathway.eval()
     try:
-        logit = pathway(x).cls.float()
+        logit = pathway.classify(x).float()
     finally:
         pathway.train(was_training)
     return float(torch.sigmoid(logit)[0])

@@ -62,6 +62,11 @@ def test_plain_cnn_pathway_shapes_and_classifier_on_its_level(x):
     by_hand = h.fc2(torch.relu(h.fc1(pooled))).squeeze(1)
     assert torch.allclose(out.cls, by_hand, atol=1e-6)
     assert not torch.allclose(pooled, seen["feat"].mean(dim=(2, 3, 4)))  # max and average differ here
+    # classify(): the same logit without the decoder, and Grad-CAM's hook still sees the level-3 map
+    seen.clear()
+    with torch.no_grad():
+        assert torch.allclose(net.classify(x), out.cls, atol=1e-6)
+    assert seen["feat"].shape == (1, 64, 2, 2, 2)
 
 
 def test_pathway_rejects_bad_head_settings():
