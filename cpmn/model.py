@@ -235,8 +235,7 @@ class Pathway(nn.Module):
         feats = self.unet.encoder(x)  # list of 5 maps, strides 2..32
         dec = self.unet.decoder(feats, self.unet.skip_connect)  # (B, C_dec, X, Y, Z)
         seg = self.unet.segmentation_head(dec)  # (B, 2, X, Y, Z)
-        cls = self.classifier(self.cls_input(feats[self.cls_level]))  # (B,)
-        return PathwayOutput(seg=seg, cls=cls, enc=feats[self.ifa_level], dec=dec)
+        return PathwayOutput(seg=seg, cls=self._classify(feats), enc=feats[self.ifa_level], dec=dec)
 
     def classify(self, x: torch.Tensor) -> torch.Tensor:
         """``x`` ``(B, 1, X, Y, Z)`` -> ``(B,)`` classifier logit, equal to ``forward(x).cls``.
@@ -244,8 +243,11 @@ class Pathway(nn.Module):
         Runs the encoder and the classifier only: the centre-patch score and Grad-CAM need no decoder, which
         at the CPU default is most of a forward pass's cost.
         """
-        feats = self.unet.encoder(x)
-        return self.classifier(self.cls_input(feats[self.cls_level]))  # (B,)
+        return self._classify(self.unet.encoder(x))
+
+    def _classify(self, feats: list[torch.Tensor]) -> torch.Tensor:
+        """The encoder maps (strides 2..32) -> ``(B,)`` logit of the classifier on map ``cls_level``."""
+        return self.classifier(self.cls_input(feats[self.cls_level]))
 
 
 class DualOutput(NamedTuple):
