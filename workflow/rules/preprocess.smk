@@ -37,6 +37,8 @@ rule patches:
         f"{RES}/patches/{{patient}}.npz",
     log:
         f"{RES}/logs/patches/{{patient}}.log",
+    benchmark:
+        f"{RES}/benchmarks/patches/{{patient}}.tsv"
     conda:
         "../../envs/register.yaml"
     threads: 1
