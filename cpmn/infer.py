@@ -55,7 +55,7 @@ DEFAULTS: dict[str, Any] = {
 }
 
 
-class SegmentationHead(nn.Module):
+class SegmentationLogits(nn.Module):
     """``(B, 1, X, Y, Z) -> (B, 2, X, Y, Z)`` segmentation logits of a pathway (for the sliding window)."""
 
     def __init__(self, pathway: nn.Module):
@@ -66,7 +66,7 @@ class SegmentationHead(nn.Module):
         return self.pathway(x).seg
 
 
-class ClassifierHead(nn.Module):
+class ClassifierLogit(nn.Module):
     """``(B, 1, X, Y, Z) -> (B, 1)`` classification logit of a pathway (what Grad-CAM differentiates)."""
 
     def __init__(self, pathway: nn.Module):
@@ -77,7 +77,7 @@ class ClassifierHead(nn.Module):
         return self.pathway.classify(x).reshape(-1, 1)
 
 
-def cam_target_layer(head: ClassifierHead) -> str:
+def cam_target_layer(head: ClassifierLogit) -> str:
     """The name of the last convolutional stage of the encoder, the Grad-CAM target.
 
     The encoder map the classifier reads (``cls_level``: the deepest, 320 channels at stride 32, for the
@@ -128,7 +128,7 @@ def segment(
             volume,
             tuple(int(v) for v in patch),
             int(params["sw_batch_size"]),
-            SegmentationHead(pathway),
+            SegmentationLogits(pathway),
             overlap=float(params["overlap"]),
             mode="gaussian",
         )
@@ -229,7 +229,7 @@ def infer_split(
     pathway, phase, entry = load_for_inference(model_path, device)
     p = variant_score(entry, p)  # a variant may set its own score
     alternatives = compare_scores(p, entry)
-    cls_head = ClassifierHead(pathway)
+    cls_head = ClassifierLogit(pathway)
     splits = pd.read_csv(splits_tsv, sep="\t", dtype={"patient_id": str})
     ids = splits.loc[splits["split"] == split, "patient_id"].tolist()
     if not ids:

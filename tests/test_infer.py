@@ -8,7 +8,7 @@ import torch
 
 from cpmn.data.preprocess import preprocess_patient
 from cpmn.infer import (
-    ClassifierHead,
+    ClassifierLogit,
     cam_target_layer,
     infer_split,
     patient_score,
@@ -121,10 +121,10 @@ def test_sliding_window_mask_equals_direct_forward_when_volume_is_one_window(stu
     vol = torch.rand(1, 1, *P)
     from monai.inferers import sliding_window_inference
 
-    from cpmn.infer import SegmentationHead
+    from cpmn.infer import SegmentationLogits
 
     with torch.no_grad():
-        sw = sliding_window_inference(vol, P, 1, SegmentationHead(pathway), overlap=0.25, mode="gaussian")
+        sw = sliding_window_inference(vol, P, 1, SegmentationLogits(pathway), overlap=0.25, mode="gaussian")
         direct = pathway(vol).seg
     torch.testing.assert_close(sw, direct, atol=1e-5, rtol=1e-4)
 
@@ -140,7 +140,7 @@ def test_max_score_is_at_least_every_window(study):
 
 
 def test_cam_target_is_the_classifier_input(study):
-    head = ClassifierHead(study["model"].pathway("nct")).eval()
+    head = ClassifierLogit(study["model"].pathway("nct")).eval()
     name = cam_target_layer(head)
     seen = {}
     layer = dict(head.named_modules())[name]
