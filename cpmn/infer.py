@@ -229,7 +229,7 @@ def infer_split(
     pathway, phase, entry = load_for_inference(model_path, device)
     p = variant_score(entry, p)  # a variant may set its own score
     alternatives = compare_scores(p, entry)
-    cls_head = ClassifierLogit(pathway)
+    cls_logit = ClassifierLogit(pathway)
     splits = pd.read_csv(splits_tsv, sep="\t", dtype={"patient_id": str})
     ids = splits.loc[splits["split"] == split, "patient_id"].tolist()
     if not ids:
@@ -265,7 +265,7 @@ def infer_split(
                 masks_dir / f"{pid}_mask.nii.gz",
             )
         if write_cams and (row["label"] == 1 or not p["cam_positives_only"]):
-            cam = GradCAM(cls_head, target_layers=cam_target_layer(cls_head))
+            cam = GradCAM(cls_logit, target_layers=cam_target_layer(cls_logit))
             with torch.enable_grad():
                 heat = sliding_window_inference(
                     vol, patch, 1, cam, overlap=float(p["overlap"]), mode="gaussian"
