@@ -39,7 +39,10 @@ from torch import nn
 from tqdm import tqdm
 
 from cpmn.config import add_config_arguments, resolve
-from cpmn.errors import atomic_path
+from cpmn.errors import InputError, atomic_path, report
+
+#: arrays ``cpmn infer`` reads from a preprocessed file besides the phase (label; grid for the mask and CAM)
+NPZ_KEYS = ("label", "nct", "affine", "orig_affine", "orig_shape")
 
 #: patient scores (``infer.score``)
 SCORES = ("centre", "max", "seg_volume")
@@ -197,6 +200,35 @@ def compare_scores(params: dict[str, Any], entry: dict[str, Any]) -> list[str]:
     return out
 
 
+def load_inference_npz(pid: str, preprocessed_dir: str | os.PathLike, phase: str) -> dict[str, np.ndarray]:
+    """The arrays of one preprocessed file that inference needs: ``phase`` ``(X, Y, Z)`` float32, ``label``,
+    the grids (``nct``, ``affine``, ``orig_affine``, ``orig_shape``) and, where stored, ``spacing``.
+
+    Raises:
+        InputError: the file is missing, unreadable, lacks an array, or the phase is not a 3D volume of the
+            stored grid's shape (naming the patient and the file).
+    """
+    path = Path(preprocessed_dir) / f"{pid}.npz"
+    if not path.is_file():
+        raise InputError(pid, path, "preprocessed volume not found")
+    try:
+        with np.load(path) as z:
+            missing = [k for k in dict.fromkeys((phase, *NPZ_KEYS)) if k not in z.files]
+            if missing:
+                raise InputError(pid, path, f"missing arrays {missing}")
+            out = {k: np.asarray(z[k]) for k in (phase, *NPZ_KEYS, "spacing") if k in z.files}
+    except InputError:
+        raise
+    except Exception as err:  # a truncated or foreign file
+        raise InputError(pid, path, f"cannot read npz ({err})") from err
+    out[phase] = np.ascontiguousarray(out[phase], dtype=np.float32)
+    if out[phase].ndim != 3 or out[phase].shape != out["nct"].shape:
+        raise InputError(pid, path, f"{phase} must be a 3D volume of the stored grid {out['nct'].shape}")
+    if int(out["label"]) not in (0, 1):
+        raise InputError(pid, path, f"label must be 0 or 1, got {out['label']}")
+    return out
+
+
 def infer_split(
     model_path: str | os.PathLike,
     splits_tsv: str | os.PathLike,
@@ -219,6 +251,7 @@ def infer_split(
     from monai.visualize import GradCAM
 
     from cpmn.data.preprocess import to_original_grid
+    from cpmn.train import read_splits
     from cpmn.variants import load_for_inference, variant_score
 
     p = {**DEFAULTS, **(params or {})}
@@ -226,22 +259,24 @@ def infer_split(
     out_tsv = Path(out_tsv)
     out_dir = out_tsv.parent
     masks_dir = out_dir / split
-    pathway, phase, entry = load_for_inference(model_path, device)
+    try:
+        pathway, phase, entry = load_for_inference(model_path, device)
+    except Exception as err:  # a missing, truncated or foreign checkpoint
+        raise InputError(None, model_path, f"cannot load the trained model ({err})") from err
     p = variant_score(entry, p)  # a variant may set its own score
     alternatives = compare_scores(p, entry)
     cls_logit = ClassifierLogit(pathway)
-    splits = pd.read_csv(splits_tsv, sep="\t", dtype={"patient_id": str})
-    ids = splits.loc[splits["split"] == split, "patient_id"].tolist()
+    ids = read_splits(splits_tsv).get(split, [])
     if not ids:
-        raise ValueError(f"{splits_tsv}: split {split!r} has no patients")
+        raise InputError(None, splits_tsv, f"split {split!r} has no patients")
     write_masks = split in p["mask_splits"]
     write_cams = split in p["cam_splits"]
     rows = []
     # disable=None: the bar draws only on a terminal, not into a rule's log file
     for pid in tqdm(ids, desc=f"infer {split}", unit="patient", disable=None):
-        npz = np.load(Path(preprocessed_dir) / f"{pid}.npz")
+        npz = load_inference_npz(pid, preprocessed_dir, phase)
         vol = torch.from_numpy(np.ascontiguousarray(npz[phase], dtype=np.float32))[None, None].to(device)
-        spacing = npz["spacing"] if "spacing" in npz.files else None
+        spacing = npz.get("spacing")
         prob, mask = patient_score(pathway, npz[phase], spacing, patch, p, device)
         row: dict[str, Any] = {"patient_id": pid, "split": split, "label": int(npz["label"]), "prob": prob}
         row["score"] = p["score"]
@@ -318,19 +353,20 @@ def run(args: argparse.Namespace) -> int:
     device = args.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    infer_cfg = cfg.get("infer", {})
-    patch = tuple(cfg.get("patches", {}).get("size", (64, 64, 32)))
-    df = infer_split(
-        args.model,
-        args.splits,
-        args.split,
-        args.preprocessed_dir,
-        args.out,
-        params=infer_cfg,
-        patch_size=patch,
-        nifti_dir=args.nifti_dir,
-        ref_template=args.ref_template,
-        device=device,
-    )
+    try:
+        df = infer_split(
+            args.model,
+            args.splits,
+            args.split,
+            args.preprocessed_dir,
+            args.out,
+            params=cfg.get("infer", {}),
+            patch_size=tuple(cfg.get("patches", {}).get("size", (64, 64, 32))),
+            nifti_dir=args.nifti_dir,
+            ref_template=args.ref_template,
+            device=device,
+        )
+    except InputError as err:
+        return report(err)
     print(f"{args.split}: {len(df)} patients, mean prob {df['prob'].mean():.3f} -> {args.out}")
     return 0

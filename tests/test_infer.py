@@ -242,3 +242,143 @@ def test_compare_scores_drops_the_primary_and_seg_volume_without_segmentation():
     assert compare_scores({"score": "centre", "compare_scores": ["seg_volume"]}, {"seg_weight": 0.0}) == []
     with pytest.raises(ValueError, match="compare_scores entry 'median'"):
         compare_scores({"score": "centre", "compare_scores": ["median"]}, seg)
+
+
+class _ThresholdPathway(torch.nn.Module):
+    """A stand-in pathway with a known answer: embolus logit ``x - t`` (so the arg-max mask is ``x > t``)
+    and classifier logit = the mean of the patch (the centre score is sigmoid(mean of the centre patch))."""
+
+    def __init__(self, t: float):
+        super().__init__()
+        self.t = t
+
+    def classify(self, x):
+        return x.mean(dim=(1, 2, 3, 4))
+
+    def forward(self, x):
+        from cpmn.model import PathwayOutput
+
+        seg = torch.cat([torch.zeros_like(x), x - self.t], dim=1)
+        return PathwayOutput(seg=seg, cls=self.classify(x), enc=x, dec=x)
+
+
+@pytest.mark.parametrize("shape", [(70, 45, 33), (20, 40, 10)])
+def test_sliding_window_mask_stitches_windows_exactly(shape):
+    """Several overlapping windows (70 x 45 x 33, not a multiple of P) and a volume smaller than P (padded):
+    Gaussian blending of per-voxel logits x - t leaves x - t, so the mask must be exactly x > t."""
+    g = torch.Generator().manual_seed(1)
+    vol = torch.rand(1, 1, *shape, generator=g)
+    t = 0.5
+    vol[(vol - t).abs() < 1e-3] = 0.9  # no voxel within rounding of the threshold
+    mask = segment(_ThresholdPathway(t), vol, P, {"sw_batch_size": 2, "overlap": 0.25})
+    assert mask.shape == shape
+    assert torch.equal(mask, (vol[0, 0] > t).to(torch.uint8))
+
+
+def _centre_patch_by_hand(vol: np.ndarray, patch) -> np.ndarray:
+    """The centre window of size ``patch``: crop from ``(n - p) // 2`` where the volume is larger, zero
+    padding of ``(p - n) // 2`` before where it is smaller (MONAI's centre crop / symmetric pad)."""
+    out = np.zeros(patch, np.float32)
+    src, dst = [], []
+    for n, p in zip(vol.shape, patch, strict=True):
+        if n >= p:
+            s = (n - p) // 2 if (n - p) % 2 == 0 else n // 2 - p // 2
+            src.append(slice(s, s + p))
+            dst.append(slice(0, p))
+        else:
+            b = (p - n) // 2
+            src.append(slice(0, n))
+            dst.append(slice(b, b + n))
+    out[tuple(dst)] = vol[tuple(src)]
+    return out
+
+
+def test_infer_values_against_a_known_pathway(study, monkeypatch):
+    """With the threshold stand-in (t = 0.24 on the [-200, 300] HU window, i.e. HU > -80) the written mask,
+    on the original NCT grid, is the body of the NIfTI voxel for voxel; prob (seg_volume) is V / (V + half)
+    of its volume; prob_centre is sigmoid(mean of the centre patch) of the stored volume."""
+    import cpmn.variants
+
+    stub = _ThresholdPathway(0.24)
+    entry = variant_entry("nct", {"variants": {"nct": {"pathways": ["nct"]}}})
+    monkeypatch.setattr(cpmn.variants, "load_for_inference", lambda path, device="cpu": (stub, "nct", entry))
+    out = study["tmp"] / "pred_stub" / "nct" / "test.tsv"
+    half = 1.5
+    params = {
+        "score": "seg_volume",
+        "seg_volume_half_ml": half,
+        "compare_scores": ["centre"],
+        "cam_splits": [],
+    }
+    back = _infer_test(study, out, params)
+    for _, row in back.iterrows():
+        hu = nib.load(study["nifti"] / row.patient_id / "nct.nii.gz").get_fdata()
+        truth = hu > -80.0
+        written = nib.load(out.parent / row["mask"]).get_fdata() > 0
+        assert written.sum() == truth.sum() > 1000
+        assert np.array_equal(written, truth)
+        v_ml = truth.sum() * 4.0 * 4.0 * 5.0 / 1000.0  # 4 x 4 x 5 mm voxels
+        assert row.prob == pytest.approx(v_ml / (v_ml + half), rel=1e-5)
+        stored = np.load(study["pre"] / f"{row.patient_id}.npz")["nct"]
+        centre = _centre_patch_by_hand(stored, P)
+        assert row.prob_centre == pytest.approx(1 / (1 + np.exp(-centre.mean())), abs=1e-6)
+
+
+def _cli_infer(study, out, splits=None, model=None):
+    from cpmn.cli import main
+
+    return main(
+        [
+            "infer",
+            "--model",
+            str(model or study["ckpt"]),
+            "--splits",
+            str(splits or study["splits"]),
+            "--split",
+            "test",
+            "--preprocessed-dir",
+            str(study["pre"]),
+            "--out",
+            str(out),
+        ]
+    )
+
+
+@pytest.mark.parametrize("fault", ["missing", "no_phase", "truncated"])
+def test_bad_preprocessed_file_is_one_error_line_naming_patient_and_file(study, capsys, fault):
+    import re
+
+    path = study["pre"] / "B2.npz"
+    if fault == "missing":
+        path.unlink()
+    elif fault == "no_phase":
+        z = dict(np.load(path))
+        del z["nct"]
+        np.savez(path, **z)
+    else:
+        path.write_bytes(path.read_bytes()[:200])
+    out = study["tmp"] / "bad" / "test.tsv"
+    assert _cli_infer(study, out) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1
+    assert re.match(rf"^ERROR patient B2: {re.escape(str(path))}: ", err[0])
+    reason = {"missing": "not found", "no_phase": r"missing arrays \['nct'\]", "truncated": "cannot read"}[
+        fault
+    ]
+    assert re.search(reason, err[0])
+    assert not out.exists() and not any(out.parent.glob("*.tsv*"))
+
+
+def test_unreadable_model_and_empty_split_are_one_error_line(study, capsys):
+    bad = study["tmp"] / "broken.pt"
+    bad.write_bytes(b"not a checkpoint")
+    out = study["tmp"] / "bad2" / "test.tsv"
+    assert _cli_infer(study, out, model=bad) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"ERROR patient ?: {bad}: cannot load the trained model")
+    empty = study["tmp"] / "empty_splits.tsv"
+    pd.DataFrame([{"patient_id": "A1", "split": "train"}]).to_csv(empty, sep="\t", index=False)
+    assert _cli_infer(study, out, splits=empty) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"ERROR patient ?: {empty}: split 'test' has no patients"]
+    assert not out.exists()
