@@ -183,13 +183,40 @@ def test_resume_after_kill_equals_straight_run(cohort, tmp_path):
     assert float(rows[0]["lr"]) == pytest.approx(1e-5 + (1e-3 - 1e-5) / 2, rel=1e-4)
     for a, b in zip(straight["rows"], resumed["rows"], strict=True):
         assert a["L_total"] == pytest.approx(b["L_total"], rel=1e-6)
-    assert 0.0 <= resumed["best_val_auc"] <= 1.0
     pathway, phase, _ = load_for_inference(tmp_path / "b" / "model.pt", "cpu")
     assert phase == "nct"
     assert torch.equal(pathway.unet.encoder.stages[0][0].weight, _weights(tmp_path / "b" / "model.pt")[STEM])
 
 
 STEM = "net.unet.encoder.stages.0.0.weight"
+
+
+@pytest.mark.parametrize(
+    ("val_scores", "aucs", "best_epoch"),
+    [
+        # (p0 = PE, p1 = normal) per epoch; a tie goes to the later epoch
+        ([(0.5, 0.5), (0.9, 0.1), (0.1, 0.9), (0.8, 0.2)], [0.5, 1.0, 0.0, 1.0], 4),
+        ([(0.9, 0.1), (0.1, 0.9)], [1.0, 0.0], 1),
+        ([(0.1, 0.9), (0.5, 0.5), (0.3, 0.7)], [0.0, 0.5, 0.0], 2),
+    ],
+)
+def test_model_pt_is_the_best_validation_epoch(cohort, tmp_path, monkeypatch, val_scores, aucs, best_epoch):
+    """Scripted validation scores: train_log's val_auc follows them and model.pt is the epoch of the best
+    AUC (the later one on a tie), holding that epoch's weights."""
+    import cpmn.infer
+
+    scripted = iter(s for epoch in val_scores for s in epoch)
+    monkeypatch.setattr(cpmn.infer, "patient_score", lambda *a, **k: (next(scripted), None))
+    cfg = _config(epochs=len(val_scores), steps_per_epoch=1)
+    summary = _run(cohort, tmp_path / "m", cfg, progress=False)
+    with open(tmp_path / "m" / "train_log.tsv") as fh:
+        assert [float(r["val_auc"]) for r in csv.DictReader(fh, delimiter="\t")] == aucs
+    best = torch.load(tmp_path / "m" / "model.pt", weights_only=False)
+    assert best["epoch"] == best_epoch and best["val_auc"] == max(aucs)
+    assert summary["best_val_auc"] == max(aucs)
+    last = _weights(tmp_path / "m" / "last.pt")
+    same = all(torch.equal(best["model"][k], last[k]) for k in last)
+    assert same == (best_epoch == len(val_scores))
 
 
 def test_seed_determinism_and_inference_pathway(cohort, tmp_path):

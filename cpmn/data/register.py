@@ -14,9 +14,9 @@ full-resolution, unclipped images):
 * HU clipping to ``hu_clip`` (default [-1000, 600]). Contrast-enhanced vessels reach several hundred HU
   in CTPA but ~40 HU in NCT; clipping bounds that contrast difference so that the metric is driven by the
   body outline, lungs, bone and soft tissue that both phases share rather than by the iodinated blood.
-* Downsampling to ``reg_spacing`` mm (default 2.5) where the scan is finer. Registration cost grows with
+* Downsampling to ``reg_spacing`` mm (default 4) where the scan is finer. Registration cost grows with
   the voxel count while the deformation between two breath-holds of the same patient is smooth, so a
-  2.5 mm grid estimates it well; the affine matrix is in physical space and the warp field is
+  4 mm grid estimates it well; the affine matrix is in physical space and the warp field is
   interpolated when it is applied to the full-resolution grid.
 
 Outputs in ``D``: ``ctpa_in_nct.nii.gz`` (linear interpolation, air (-1024 HU) outside the CTPA field of
