@@ -199,3 +199,53 @@ def test_l_seg_dice_focal_adds_the_batch_dice_of_the_embolus_channel():
     # sums over both samples: 2 * 3/4 / (4 * 3/4 + 1) = 0.375 -> loss 0.625; focal: the mean of the two
     fl_empty = 2 * (0.5625 * math.log(4.0)) / 4
     assert float(both) == pytest.approx((fl + fl_empty) / 2 + 0.625, abs=1e-5)
+
+
+def _l_alig_brute_force(f1, f2, alpha, beta):
+    """Eq. 2 by loops: nodes = means of beta^3 blocks (smaller at the edges), every ordered pair within
+    Chebyshev distance alpha (alpha 0: all pairs), Z = N * prod(min(2 alpha + 1, n_axis)) (alpha 0: N^2);
+    mean over the batch."""
+    out = []
+    for b in range(f1.shape[0]):
+        grid = [-(-s // beta) for s in f1.shape[2:]]
+        nodes1, nodes2, coords = [], [], []
+        for i in range(grid[0]):
+            for j in range(grid[1]):
+                for k in range(grid[2]):
+                    sl = (b, slice(None), *[slice(c * beta, (c + 1) * beta) for c in (i, j, k)])
+                    nodes1.append(f1[sl].reshape(f1.shape[1], -1).mean(1))
+                    nodes2.append(f2[sl].reshape(f2.shape[1], -1).mean(1))
+                    coords.append((i, j, k))
+        total = 0.0
+        for a in range(len(coords)):
+            for c in range(len(coords)):
+                cheb = max(abs(p - q) for p, q in zip(coords[a], coords[c], strict=True))
+                if alpha == 0 or cheb <= alpha:  # alpha 0: all-to-all
+                    s1 = float(torch.nn.functional.cosine_similarity(nodes1[a], nodes1[c], dim=0))
+                    s2 = float(torch.nn.functional.cosine_similarity(nodes2[a], nodes2[c], dim=0))
+                    total += (s1 - s2) ** 2
+        count = 1
+        for g in grid:
+            count *= min(2 * alpha + 1, g) if alpha else g
+        out.append(total / (len(coords) * count))
+    return sum(out) / len(out)
+
+
+@pytest.mark.parametrize(("alpha", "beta"), [(1, 1), (1, 2), (2, 1), (0, 2)])
+def test_l_alig_matches_pairwise_loops_on_a_3d_grid(alpha, beta):
+    """A (2, 3, 5, 4, 3) map: a 3-D node grid whose neighbourhood is smaller than N (alpha 1 on 5 x 4 x 3),
+    edge blocks smaller than beta^3, all axes flattened in one order."""
+    g = torch.Generator().manual_seed(0)
+    f1 = torch.randn(2, 3, 5, 4, 3, generator=g)
+    f2 = torch.randn(2, 3, 5, 4, 3, generator=g)
+    got = float(L_alig(alpha=alpha, beta=beta)(f1, f2))
+    assert got == pytest.approx(_l_alig_brute_force(f1, f2, alpha, beta), rel=1e-5)
+
+
+def test_l_alig_normaliser_by_hand():
+    """Four nodes in a row (beta 1), alpha 1: Z = 4 nodes x 3 neighbours = 12. Node features are unit vectors
+    at 0 and 90 degrees alternately in Omega1 and all equal in Omega2: neighbouring pairs differ by 1 in
+    affinity (0 vs 1), 6 ordered neighbouring pairs (self pairs 0), so L_alig = 6 / 12."""
+    e1 = torch.tensor([[1.0, 0.0, 1.0, 0.0], [0.0, 1.0, 0.0, 1.0]]).reshape(1, 2, 4, 1, 1)
+    e2 = torch.ones(1, 2, 4, 1, 1)
+    assert float(L_alig(alpha=1, beta=1)(e1, e2)) == pytest.approx(6 / 12)
