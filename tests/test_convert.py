@@ -195,6 +195,7 @@ def test_real_chest_nct(tmp_path):
 )
 def test_real_gantry_tilt_and_variable_spacing(tmp_path, vendor, ref, variant, n_slices, dz):
     src = _need(REAL / "dcm_qa_ct" / "In" / vendor)
+    ref_json = _need(REAL / "dcm_qa_ct" / "Ref" / ref)
     work = tmp_path / "in"
     shutil.copytree(src, work)
     qc = convert_patient([work], tmp_path / "out", "QA", phases=("nct",))
@@ -208,7 +209,7 @@ def test_real_gantry_tilt_and_variable_spacing(tmp_path, vendor, ref, variant, n
     np.testing.assert_allclose(cols.T @ cols, np.eye(3), atol=1e-3)
     assert abs(qc["series"][0]["tilt_deg"] - 18.5) < 0.1
     side = json.loads((tmp_path / "out" / "nct.json").read_text())
-    want = json.loads((REAL / "dcm_qa_ct" / "Ref" / ref).read_text())
+    want = json.loads(ref_json.read_text())
     for key in (
         "Modality",
         "Manufacturer",

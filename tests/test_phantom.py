@@ -337,7 +337,8 @@ def test_cli_runs(tmp_path):
 def test_realistic_hu_against_real_scans():
     """Phantom lung and soft-tissue statistics against the real NCT chest series and the real CTPA crop."""
     nct_dir, ctpa = REAL / "chest_nct_dicom", REAL / "ctpa_chest_crop"
-    if not nct_dir.is_dir() or not (ctpa / "pulmonary_artery.nii.gz").is_file():
+    needed = (ctpa / "pulmonary_artery.nii.gz", ctpa / "ct_cropped.nii.gz")
+    if not nct_dir.is_dir() or not all(f.is_file() for f in needed):
         pytest.skip("shared real data not available")
     import pydicom
 
