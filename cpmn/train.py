@@ -39,6 +39,7 @@ from tqdm import tqdm
 
 from cpmn.config import add_config_arguments, resolve
 from cpmn.data.dataset import IndexRange, PatchDataset, load_patient
+from cpmn.data.patches import DEFAULTS as PATCH_BANK_DEFAULTS
 from cpmn.errors import InputError, atomic_path, report
 from cpmn.losses import TERMS
 from cpmn.variants import (
@@ -50,7 +51,7 @@ from cpmn.variants import (
     variant_score,
 )
 
-#: defaults of the ``train:`` section (config/config.yaml)
+#: package defaults of the ``train:`` section for keys a config leaves out (config/config.yaml sets every key)
 TRAIN_DEFAULTS: dict[str, Any] = {
     "epochs": 4,
     "steps_per_epoch": 12,
@@ -65,7 +66,7 @@ TRAIN_DEFAULTS: dict[str, Any] = {
     "jitter": 4,
     "pos_fraction": 0.5,
 }
-PATCH_DEFAULTS: dict[str, Any] = {"size": [64, 64, 32]}
+PATCH_DEFAULTS: dict[str, Any] = {"size": list(PATCH_BANK_DEFAULTS["size"])}  # one default P (32³)
 LOG_COLUMNS = ("epoch", *TERMS, "lr", "val_auc", "seconds")
 
 

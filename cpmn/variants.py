@@ -23,7 +23,8 @@ from torch import nn
 from cpmn.losses import L_Total
 from cpmn.model import DualPathway, Pathway, PathwayOutput
 
-#: defaults of the ``model:`` section (config/config.yaml)
+#: package defaults of the ``model:`` section, the paper's choices, for keys a config leaves out
+#: (config/config.yaml sets every key to the CPU demo's value; config/paper.yaml overlays it)
 MODEL_DEFAULTS: dict[str, Any] = {
     "backbone": "efficientnet-b0",
     "ifa_level": 2,

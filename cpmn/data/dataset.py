@@ -124,7 +124,7 @@ class PatchDataset(Dataset):
         patients: Sequence[str],
         preprocessed_dir: str | Path,
         patches_dir: str | Path,
-        patch_size: Sequence[int] = (64, 64, 32),
+        patch_size: Sequence[int] = (32, 32, 32),
         aug_prob: float = 0.1,
         seed: int = 0,
         jitter: int = 4,
