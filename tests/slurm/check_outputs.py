@@ -4,7 +4,10 @@ import json
 import sys
 from pathlib import Path
 
+import nibabel as nib
+import numpy as np
 import pandas as pd
+from sklearn.metrics import roc_auc_score
 
 
 def check(results: Path) -> list[str]:
@@ -29,6 +32,42 @@ def check(results: Path) -> list[str]:
     reg = pd.read_csv(results / "qc/registration.tsv", sep="\t")
     if len(reg) != len(splits):
         problems.append(f"registration QC has {len(reg)} rows for {len(splits)} patients")
+    problems += check_values(results, stats, reg)
+    return problems
+
+
+def check_values(results: Path, stats: dict, reg: pd.DataFrame) -> list[str]:
+    """Numbers recomputed from the files they summarise, against the phantom's truth where it has one."""
+    problems = []
+    # registration helped every patient and folded nothing
+    worse = reg.loc[reg["ncc_after"] <= reg["ncc_before"], "patient_id"].tolist()
+    if worse:
+        problems.append(f"registration lowered the NCC for {worse}")
+    if (reg["folding_pct"] > 0).any():
+        problems.append("registration folded voxels")
+    for variant, st in stats["variants"].items():
+        pred_dir = results / "predictions" / variant
+        pred = pd.read_csv(pred_dir / "test.tsv", sep="\t", dtype={"patient_id": str})
+        auc = roc_auc_score(pred["label"], pred["prob"])
+        if abs(auc - st["auc"]["value"]) > 1e-9:
+            problems.append(f"{variant}: stats.json AUC {st['auc']['value']} != {auc} from test.tsv")
+        per_patient = (st.get("dice") or {}).get("per_patient", {})
+        for row in pred.itertuples():
+            if not isinstance(row.mask, str):
+                continue
+            mask = nib.load(pred_dir / row.mask)
+            image = nib.load(pred_dir / row.image)
+            if mask.shape != image.shape or not np.allclose(mask.affine, image.affine, atol=1e-4):
+                problems.append(f"{variant} {row.patient_id}: mask grid differs from the NCT image")
+                continue
+            if row.patient_id in per_patient and isinstance(row.ref_mask, str):
+                a = np.asarray(mask.dataobj) > 0
+                b = np.asarray(nib.load(pred_dir / row.ref_mask).dataobj) > 0
+                dice = 2 * (a & b).sum() / (a.sum() + b.sum()) if a.any() or b.any() else 1.0
+                if abs(dice - per_patient[row.patient_id]) > 1e-9:
+                    problems.append(
+                        f"{variant} {row.patient_id}: Dice {per_patient[row.patient_id]} != {dice}"
+                    )
     return problems
 
 
