@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import re
 from pathlib import Path
 
 import nibabel as nib
@@ -15,6 +16,7 @@ from sklearn.metrics import roc_auc_score
 
 from cpmn import stats
 from cpmn.cli import main as cpmn_main
+from cpmn.errors import InputError
 from cpmn.evaluate import evaluate_study
 from cpmn.evaluate import metrics as M
 from cpmn.evaluate.tables import parse_cell
@@ -439,5 +441,38 @@ def test_a_non_finite_alternative_score_is_one_error(study, tmp_path):
     f[5] = "nan"
     lines[2] = "\t".join(f)
     (d / "test.tsv").write_text("\n".join(lines) + "\n")
-    with pytest.raises(Exception, match=f"patient {f[0]}.*prob_centre is not a finite number"):
+    with pytest.raises(
+        InputError, match=f"^patient {f[0]}: .*test.tsv: .*prob_centre is not a finite number"
+    ):
         M.load_predictions(d / "test.tsv", "test")
+
+
+@pytest.mark.parametrize(
+    ("edit", "pid", "reason"),
+    [
+        (lambda rows: rows + [rows[-1]], "last", "duplicate patient_id"),
+        (
+            lambda rows: [rows[0], {**rows[1], "split": "val"}, *rows[2:]],
+            "second",
+            "split is 'val', expected 'test'",
+        ),
+        (lambda rows: [rows[0], {**rows[1], "label": "2"}, *rows[2:]], "second", "label"),
+        (lambda rows: [rows[0], {**rows[1], "prob": "inf"}, *rows[2:]], "second", "prob"),
+    ],
+)
+def test_bad_predictions_name_the_patient_and_the_file(tmp_path, edit, pid, reason):
+    import csv
+
+    rows = [
+        {"patient_id": f"T{i}", "split": "test", "label": str(i % 2), "prob": f"{0.1 * i:.1f}"}
+        for i in range(5)
+    ]
+    rows = edit(rows)
+    want = {"last": rows[-1]["patient_id"], "second": rows[1]["patient_id"]}[pid]
+    path = tmp_path / "test.tsv"
+    with open(path, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(rows[0]), delimiter="\t")
+        w.writeheader()
+        w.writerows(rows)
+    with pytest.raises(InputError, match=rf"^patient {want}: {re.escape(str(path))}: .*{re.escape(reason)}"):
+        M.load_predictions(path, "test")

@@ -206,7 +206,7 @@ def run(args: argparse.Namespace) -> int:
         try:
             with np.load(path) as f:
                 npz = {k: f[k] for k in f.files}
-        except (OSError, ValueError) as exc:
+        except Exception as exc:  # missing, truncated (BadZipFile) or foreign file
             raise InputError(pid, path, f"cannot read preprocessed file ({exc})") from exc
         for key in ("nct", "mask", "label"):
             if key not in npz:

@@ -1,0 +1,142 @@
+"""Bad input at every per-patient stage run by hand: exit status 1, one ``ERROR patient P: file: reason`` line
+on stderr naming the patient and the file, and no output left behind."""
+
+from __future__ import annotations
+
+import re
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import pytest
+
+from cpmn.cli import main
+
+
+def _nifti(path, arr, spacing=(4.0, 4.0, 4.0)):
+    nib.save(nib.Nifti1Image(np.asarray(arr, np.float32), np.diag([*spacing, 1.0])), path)
+    return path
+
+
+def _volumes(tmp_path, shape=(20, 20, 12)):
+    nct = np.full(shape, -1000.0)
+    nct[3:17, 3:17, 2:10] = 40.0
+    mask = np.zeros(shape)
+    mask[8:11, 8:11, 4:7] = 1
+    return {
+        "nct": _nifti(tmp_path / "nct.nii.gz", nct),
+        "ctpa": _nifti(tmp_path / "ctpa.nii.gz", nct + 300 * mask),
+        "mask": _nifti(tmp_path / "mask.nii.gz", mask),
+    }
+
+
+def _preprocess_args(paths, out, label=1):
+    return ["preprocess", "--patient", "Q7", "--label", str(label), "--nct", str(paths["nct"])] + [
+        "--ctpa",
+        str(paths["ctpa"]),
+        "--mask",
+        str(paths["mask"]),
+        "--out",
+        str(out),
+    ]
+
+
+def _case_preprocess_missing_nifti(tmp_path):
+    paths = _volumes(tmp_path)
+    paths["ctpa"].unlink()
+    out = tmp_path / "Q7.npz"
+    return _preprocess_args(paths, out), "Q7", paths["ctpa"], "does not exist", out
+
+
+def _case_preprocess_4d(tmp_path):
+    paths = _volumes(tmp_path)
+    _nifti(paths["nct"], np.zeros((20, 20, 12, 2)))
+    out = tmp_path / "Q7.npz"
+    return _preprocess_args(paths, out), "Q7", paths["nct"], "must be a 3D image", out
+
+
+def _case_preprocess_empty_mask(tmp_path):
+    paths = _volumes(tmp_path)
+    _nifti(paths["mask"], np.zeros((20, 20, 12)))
+    out = tmp_path / "Q7.npz"
+    return (
+        _preprocess_args(paths, out),
+        "Q7",
+        paths["mask"],
+        r"label is 1 \(PE\) but the embolus mask is empty",
+        out,
+    )
+
+
+def _case_preprocess_mask_off_grid(tmp_path):
+    paths = _volumes(tmp_path)
+    _nifti(paths["mask"], np.ones((20, 20, 12)), spacing=(5.0, 4.0, 4.0))
+    out = tmp_path / "Q7.npz"
+    return _preprocess_args(paths, out), "Q7", paths["mask"], "not on the NCT grid", out
+
+
+def _case_patches_truncated(tmp_path):
+    src = tmp_path / "R2.npz"
+    np.savez(src, nct=np.zeros((40, 40, 40), np.float32), mask=np.zeros((40, 40, 40), np.uint8), label=0)
+    src.write_bytes(src.read_bytes()[:100])
+    out = tmp_path / "bank" / "R2.npz"
+    args = ["patches", "--preprocessed", str(src), "--out", str(out)]
+    return args, "R2", src, "cannot read preprocessed file", out
+
+
+def _case_patches_no_mask(tmp_path):
+    src = tmp_path / "R2.npz"
+    np.savez(src, nct=np.zeros((40, 40, 40), np.float32), label=0)
+    out = tmp_path / "bank" / "R2.npz"
+    args = ["patches", "--preprocessed", str(src), "--out", str(out)]
+    return args, "R2", src, "preprocessed file has no 'mask'", out
+
+
+def _sheet(tmp_path, edit):
+    rows = [
+        {"patient_id": f"S{i:02d}", "label": i % 2, "study_date": f"{2019 + i % 4}-06-01"} for i in range(24)
+    ]
+    df = pd.DataFrame(rows)
+    df = edit(df)
+    sheet = tmp_path / "cohort.tsv"
+    df.to_csv(sheet, sep="\t", index=False)
+    out = tmp_path / "splits.tsv"
+    return ["split", "--sheet", str(sheet), "--out", str(out)], sheet, out
+
+
+def _case_split_bad_label(tmp_path):
+    args, sheet, out = _sheet(
+        tmp_path, lambda d: d.assign(label=d["label"].astype(str).mask(d.index == 5, "yes"))
+    )
+    return args, "S05", sheet, r"row 6: label 'yes' is not 0 or 1", out
+
+
+def _case_split_duplicate(tmp_path):
+    args, sheet, out = _sheet(
+        tmp_path, lambda d: d.assign(patient_id=d["patient_id"].mask(d.index == 7, "S03"))
+    )
+    return args, "S03", sheet, "patient_id appears more than once", out
+
+
+CASES = {
+    "preprocess: missing NIfTI": _case_preprocess_missing_nifti,
+    "preprocess: 4-D image": _case_preprocess_4d,
+    "preprocess: empty mask on a PE patient": _case_preprocess_empty_mask,
+    "preprocess: mask off the NCT grid": _case_preprocess_mask_off_grid,
+    "patches: truncated file": _case_patches_truncated,
+    "patches: no mask": _case_patches_no_mask,
+    "split: bad label": _case_split_bad_label,
+    "split: duplicate patient": _case_split_duplicate,
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_one_error_line_naming_patient_and_file_and_no_output(case, tmp_path, capsys):
+    args, pid, path, reason, out = CASES[case](tmp_path)
+    assert main(args) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert re.match(rf"^ERROR patient {re.escape(pid)}: {re.escape(str(path))}: ", err[0]), err[0]
+    assert re.search(reason, err[0]), err[0]
+    assert not out.exists()
+    assert not [p for p in out.parent.glob(f".{out.name.split('.')[0]}*")]  # no temporary file either
