@@ -39,10 +39,11 @@ def check(results: Path) -> list[str]:
 def check_values(results: Path, stats: dict, reg: pd.DataFrame) -> list[str]:
     """Numbers recomputed from the files they summarise, against the phantom's truth where it has one."""
     problems = []
-    # registration helped every patient and folded nothing
-    worse = reg.loc[reg["ncc_after"] <= reg["ncc_before"], "patient_id"].tolist()
-    if worse:
-        problems.append(f"registration lowered the NCC for {worse}")
+    # registration folded nothing and, on the phantom, the warped annotation meets the truth (Dice 0.86 on the
+    # default cohort, 0.76-0.88 on the tiny one; NCC is no test at the tiny config: it starts at 0.72-0.89)
+    truth = reg["dice_truth"].dropna() if "dice_truth" in reg else pd.Series(dtype=float)
+    if len(truth) and truth.min() < 0.6:
+        problems.append(f"warped annotation against the truth: Dice {truth.min():.3f} < 0.6")
     if (reg["folding_pct"] > 0).any():
         problems.append("registration folded voxels")
     for variant, st in stats["variants"].items():
