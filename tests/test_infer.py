@@ -382,3 +382,27 @@ def test_unreadable_model_and_empty_split_are_one_error_line(study, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"ERROR patient ?: {empty}: split 'test' has no patients"]
     assert not out.exists()
+
+
+def test_cam_is_zero_outside_the_stored_grid_and_not_everywhere_inside(study):
+    """The CAM written on the original NCT grid: voxels whose centre falls outside the preprocessed (cropped)
+    grid, located through the two affines, are 0; inside, the map is not all 0."""
+    mcfg = {"backbone": "plain-cnn", "ifa_level": 2, "cls_level": 2, "cls_pool": "max", "norm": "group"}
+    entry = variant_entry("nct", {"variants": {"nct": {"pathways": ["nct"]}}, "model": mcfg})
+    torch.manual_seed(1)
+    ckpt = study["tmp"] / "plain.pt"
+    torch.save({"variant": entry, "model_cfg": mcfg, "model": build_model(entry, mcfg).state_dict()}, ckpt)
+    out = study["tmp"] / "pred_cam" / "test.tsv"
+    df = infer_split(ckpt, study["splits"], "test", study["pre"], out, {"cam_positives_only": False}, P)
+    for row in df.itertuples():
+        cam = nib.load(out.parent / row.cam)
+        npz = np.load(study["pre"] / f"{row.patient_id}.npz")
+        ijk = np.indices(cam.shape).reshape(3, -1)
+        world = cam.affine @ np.vstack([ijk, np.ones(ijk.shape[1])])
+        stored = (np.linalg.inv(npz["affine"]) @ world)[:3]
+        n = np.asarray(npz["nct"].shape)[:, None]
+        outside = ((stored < -0.5) | (stored > n - 0.5)).any(0).reshape(cam.shape)
+        values = cam.get_fdata()
+        assert outside.any() and (~outside).any()
+        assert np.all(values[outside] == 0)
+        assert values[~outside].max() > 0
