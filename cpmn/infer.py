@@ -39,6 +39,7 @@ from torch import nn
 from tqdm import tqdm
 
 from cpmn.config import add_config_arguments, resolve
+from cpmn.data.patches import DEFAULT_PATCH
 from cpmn.errors import InputError, atomic_path, report
 
 #: arrays ``cpmn infer`` reads from a preprocessed file besides the phase (label; grid for the mask and CAM)
@@ -208,19 +209,10 @@ def load_inference_npz(pid: str, preprocessed_dir: str | os.PathLike, phase: str
         InputError: the file is missing, unreadable, lacks an array, or the phase is not a 3D volume of the
             stored grid's shape (naming the patient and the file).
     """
+    from cpmn.data.preprocess import read_preprocessed
+
     path = Path(preprocessed_dir) / f"{pid}.npz"
-    if not path.is_file():
-        raise InputError(pid, path, "preprocessed volume not found")
-    try:
-        with np.load(path) as z:
-            missing = [k for k in dict.fromkeys((phase, *NPZ_KEYS)) if k not in z.files]
-            if missing:
-                raise InputError(pid, path, f"missing arrays {missing}")
-            out = {k: np.asarray(z[k]) for k in (phase, *NPZ_KEYS, "spacing") if k in z.files}
-    except InputError:
-        raise
-    except Exception as err:  # a truncated or foreign file
-        raise InputError(pid, path, f"cannot read npz ({err})") from err
+    out = read_preprocessed(pid, path, (phase, *NPZ_KEYS), ("spacing",))
     out[phase] = np.ascontiguousarray(out[phase], dtype=np.float32)
     if out[phase].ndim != 3 or out[phase].shape != out["nct"].shape:
         raise InputError(pid, path, f"{phase} must be a 3D volume of the stored grid {out['nct'].shape}")
@@ -236,7 +228,7 @@ def infer_split(
     preprocessed_dir: str | os.PathLike,
     out_tsv: str | os.PathLike,
     params: dict[str, Any] | None = None,
-    patch_size: tuple[int, int, int] = (32, 32, 32),
+    patch_size: tuple[int, int, int] = DEFAULT_PATCH,
     nifti_dir: str | os.PathLike | None = None,
     ref_template: str | None = None,
     device: str = "cpu",
@@ -275,7 +267,7 @@ def infer_split(
     # disable=None: the bar draws only on a terminal, not into a rule's log file
     for pid in tqdm(ids, desc=f"infer {split}", unit="patient", disable=None):
         npz = load_inference_npz(pid, preprocessed_dir, phase)
-        vol = torch.from_numpy(np.ascontiguousarray(npz[phase], dtype=np.float32))[None, None].to(device)
+        vol = torch.from_numpy(npz[phase])[None, None].to(device)
         spacing = npz.get("spacing")
         prob, mask = patient_score(pathway, npz[phase], spacing, patch, p, device)
         row: dict[str, Any] = {"patient_id": pid, "split": split, "label": int(npz["label"]), "prob": prob}
@@ -361,7 +353,7 @@ def run(args: argparse.Namespace) -> int:
             args.preprocessed_dir,
             args.out,
             params=cfg.get("infer", {}),
-            patch_size=tuple(cfg.get("patches", {}).get("size", (32, 32, 32))),
+            patch_size=tuple(cfg.get("patches", {}).get("size", DEFAULT_PATCH)),
             nifti_dir=args.nifti_dir,
             ref_template=args.ref_template,
             device=device,

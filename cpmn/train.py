@@ -39,7 +39,7 @@ from tqdm import tqdm
 
 from cpmn.config import add_config_arguments, resolve
 from cpmn.data.dataset import IndexRange, PatchDataset, load_patient
-from cpmn.data.patches import DEFAULTS as PATCH_BANK_DEFAULTS
+from cpmn.data.patches import DEFAULT_PATCH
 from cpmn.errors import InputError, atomic_path, report
 from cpmn.losses import TERMS
 from cpmn.variants import (
@@ -66,7 +66,7 @@ TRAIN_DEFAULTS: dict[str, Any] = {
     "jitter": 4,
     "pos_fraction": 0.5,
 }
-PATCH_DEFAULTS: dict[str, Any] = {"size": list(PATCH_BANK_DEFAULTS["size"])}  # one default P (32³)
+PATCH_DEFAULTS: dict[str, Any] = {"size": list(DEFAULT_PATCH)}
 LOG_COLUMNS = ("epoch", *TERMS, "lr", "val_auc", "seconds")
 
 

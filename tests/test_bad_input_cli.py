@@ -81,7 +81,7 @@ def _case_patches_truncated(tmp_path):
     src.write_bytes(src.read_bytes()[:100])
     out = tmp_path / "bank" / "R2.npz"
     args = ["patches", "--preprocessed", str(src), "--out", str(out)]
-    return args, "R2", src, "cannot read preprocessed file", out
+    return args, "R2", src, "cannot read npz", out
 
 
 def _case_patches_no_mask(tmp_path):
@@ -89,7 +89,7 @@ def _case_patches_no_mask(tmp_path):
     np.savez(src, nct=np.zeros((40, 40, 40), np.float32), label=0)
     out = tmp_path / "bank" / "R2.npz"
     args = ["patches", "--preprocessed", str(src), "--out", str(out)]
-    return args, "R2", src, "preprocessed file has no 'mask'", out
+    return args, "R2", src, r"missing arrays \['mask'\]", out
 
 
 def _sheet(tmp_path, edit):

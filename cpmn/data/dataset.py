@@ -30,6 +30,8 @@ from monai.data import MetaTensor
 from monai.transforms import BorderPad, RandFlipd, RandRotate90d, SpatialCrop
 from torch.utils.data import Dataset, Sampler
 
+from cpmn.data.patches import DEFAULT_PATCH
+from cpmn.data.preprocess import read_preprocessed
 from cpmn.errors import InputError
 
 #: samples per "epoch" of the index space; the trainer draws indices from a range, never iterates all
@@ -45,25 +47,15 @@ def load_patient(pid: str, preprocessed_dir: str | Path) -> dict[str, np.ndarray
     """``ctpa``, ``nct`` float32 ``(X, Y, Z)``, ``mask`` uint8 ``(X, Y, Z)``, ``label`` and, where stored,
     ``spacing`` (mm, 3) of one patient."""
     path = Path(preprocessed_dir) / f"{pid}.npz"
-    if not path.is_file():
-        raise InputError(pid, path, "preprocessed volume not found")
-    try:
-        with np.load(path) as z:
-            missing = [k for k in ("nct", "ctpa", "mask") if k not in z.files]
-            if missing:
-                raise InputError(pid, path, f"missing arrays {missing}")
-            out = {
-                "ctpa": np.ascontiguousarray(z["ctpa"], dtype=np.float32),
-                "nct": np.ascontiguousarray(z["nct"], dtype=np.float32),
-                "mask": np.ascontiguousarray(z["mask"] > 0, dtype=np.uint8),
-                "label": np.asarray(int(z["label"]) if "label" in z.files else -1),
-            }
-            if "spacing" in z.files:
-                out["spacing"] = np.asarray(z["spacing"], dtype=float)
-    except InputError:
-        raise
-    except Exception as err:  # a truncated or foreign file
-        raise InputError(pid, path, f"cannot read npz ({err})") from err
+    z = read_preprocessed(pid, path, ("nct", "ctpa", "mask"), ("label", "spacing"))
+    out = {
+        "ctpa": np.ascontiguousarray(z["ctpa"], dtype=np.float32),
+        "nct": np.ascontiguousarray(z["nct"], dtype=np.float32),
+        "mask": np.ascontiguousarray(z["mask"] > 0, dtype=np.uint8),
+        "label": np.asarray(int(z["label"]) if "label" in z else -1),
+    }
+    if "spacing" in z:
+        out["spacing"] = np.asarray(z["spacing"], dtype=float)
     shapes = {k: out[k].shape for k in ("ctpa", "nct", "mask")}
     if len(set(shapes.values())) != 1 or len(out["nct"].shape) != 3:
         raise InputError(pid, path, f"ctpa/nct/mask must be 3D arrays of one shape, got {shapes}")
@@ -124,7 +116,7 @@ class PatchDataset(Dataset):
         patients: Sequence[str],
         preprocessed_dir: str | Path,
         patches_dir: str | Path,
-        patch_size: Sequence[int] = (32, 32, 32),
+        patch_size: Sequence[int] = DEFAULT_PATCH,
         aug_prob: float = 0.1,
         seed: int = 0,
         jitter: int = 4,

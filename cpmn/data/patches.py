@@ -56,6 +56,7 @@ import numpy as np
 from scipy import ndimage
 
 from cpmn.config import add_config_arguments, resolve
+from cpmn.data.preprocess import read_preprocessed
 from cpmn.errors import InputError, atomic_path, report
 
 #: defaults equal to config/config.yaml ``patches``
@@ -69,6 +70,9 @@ DEFAULTS: dict[str, Any] = {
     "vessel_hu": 150.0,
     "seed": 0,
 }
+
+#: the default patch size P, for every stage that needs one when a config leaves it out
+DEFAULT_PATCH: tuple[int, int, int] = tuple(DEFAULTS["size"])
 
 #: used when a preprocessed file predates the hu_window / body_threshold_hu keys
 _PRE_DEFAULTS = {"hu_window": (-1000.0, 600.0), "body_threshold_hu": -500.0}
@@ -203,14 +207,7 @@ def run(args: argparse.Namespace) -> int:
     path = Path(args.preprocessed)
     pid = args.patient or path.name.removesuffix(".npz")
     try:
-        try:
-            with np.load(path) as f:
-                npz = {k: f[k] for k in f.files}
-        except Exception as exc:  # missing, truncated (BadZipFile) or foreign file
-            raise InputError(pid, path, f"cannot read preprocessed file ({exc})") from exc
-        for key in ("nct", "mask", "label"):
-            if key not in npz:
-                raise InputError(pid, path, f"preprocessed file has no '{key}'")
+        npz = read_preprocessed(pid, path, ("nct", "mask", "label"), optional=None)
         bank = extract_patch_bank(npz, params, patient_seed(pid, params["seed"]))
     except InputError as err:
         return report(err)

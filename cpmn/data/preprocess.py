@@ -54,6 +54,35 @@ DEFAULTS: dict[str, Any] = {
 AIR_HU = -1024.0
 
 
+def read_preprocessed(
+    patient_id: str,
+    path: str | os.PathLike,
+    required: tuple[str, ...],
+    optional: tuple[str, ...] | None = (),
+) -> dict[str, np.ndarray]:
+    """The ``required`` arrays of one preprocessed ``.npz``, plus those of ``optional`` that are stored
+    (``None``: every stored array).
+
+    Raises:
+        InputError: the file is missing, unreadable (truncated, not an npz) or lacks a required array,
+            naming the patient and the file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(patient_id, path, "preprocessed volume not found")
+    try:
+        with np.load(path) as z:
+            missing = [k for k in dict.fromkeys(required) if k not in z.files]
+            if missing:
+                raise InputError(patient_id, path, f"missing arrays {missing}")
+            keys = z.files if optional is None else [k for k in (*required, *optional) if k in z.files]
+            return {k: np.asarray(z[k]) for k in keys}
+    except InputError:
+        raise
+    except Exception as err:  # a truncated (BadZipFile) or foreign file
+        raise InputError(patient_id, path, f"cannot read npz ({err})") from err
+
+
 def _load(path: str | os.PathLike, patient_id: str, what: str) -> nib.Nifti1Image:
     p = Path(path)
     if not p.is_file():
