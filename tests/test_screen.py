@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import pandas as pd
 import pytest
@@ -77,6 +78,17 @@ def cohort(tmp_path_factory):
     rows += [_row("D1"), _row("D1")]
     rows.append(_row("G2", "2", nct="dicom/G2") | {"patient_id": "S1"})
     rows.append(_row("G2", "0", date="2021-13-40", nct="dicom/G2") | {"patient_id": "S2"})
+    # a truncated mask file and a mask with a value other than 0 and 1 (PE patients)
+    write_patient(root / "dicom/X7", "X7")
+    write_mask(root / "masks/X7.nii.gz")
+    data = (root / "masks/X7.nii.gz").read_bytes()
+    (root / "masks/X7.nii.gz").write_bytes(data[: len(data) // 2])
+    rows.append(_row("X7", "1", mask="masks/X7.nii.gz"))
+    write_patient(root / "dicom/X8", "X8")
+    write_mask(root / "masks/X8.nii.gz")
+    two = nib.load(root / "masks/X8.nii.gz")
+    nib.save(nib.Nifti1Image(np.asarray(two.dataobj) * 2, two.affine), root / "masks/X8.nii.gz")
+    rows.append(_row("X8", "1", mask="masks/X8.nii.gz"))
     sheet = root / "cohort.tsv"
     pd.DataFrame(rows, columns=COLUMNS).to_csv(sheet, sep="\t", index=False)
     return root, sheet, mr
@@ -109,9 +121,11 @@ def test_screen_cohort_cases(cohort, capsys):
     ][1]
     assert "row 12: column label" in got[("S1", "sheet")][1]
     assert "row 13: column study_date" in got[("S2", "sheet")][1]
-    assert len(ex) == 10
+    assert got[("X7", "mask")][1].startswith("mask is not a readable NIfTI")
+    assert got[("X8", "mask")][1] == "mask must contain only 0 and 1, found [0, 2]"
+    assert len(ex) == 12
     # one stderr line per exclusion, naming patient and file
-    assert len(lines) == 10 and all(ln.startswith("EXCLUDED patient ") for ln in lines)
+    assert len(lines) == 12 and all(ln.startswith("EXCLUDED patient ") for ln in lines)
     assert any(ln.startswith("EXCLUDED patient X1: ") and "IM_JUNK.dcm" in ln for ln in lines)
 
 

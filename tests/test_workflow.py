@@ -49,6 +49,22 @@ def test_wrong_type_in_config_fails(tmp_path):
     assert "size" in (r.stdout + r.stderr)
 
 
+def test_own_cohort_sheet_bad_row_is_left_to_screening(tmp_path):
+    """A bad row (label "yes", empty mask of a normal) does not stop the workflow; a missing column does."""
+    cols = "patient_id\tlabel\tstudy_date\tnct_dicom\tctpa_dicom\tctpa_mask\n"
+    good = tmp_path / "good.tsv"
+    good.write_text(cols + "P1\tyes\t2021-01-01\ta\ta\t\nP2\t0\t2021-01-01\tb\tb\t\n")
+    r = snakemake("-n", "--config", f"results={tmp_path}/res", f"cohort={{source: sheet, sheet: {good}}}")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "screen_cohort" in r.stdout + r.stderr
+    bad = tmp_path / "bad.tsv"
+    bad.write_text("patient_id\tlabel\nP1\t1\n")
+    r = snakemake("-n", "--config", f"results={tmp_path}/res", f"cohort={{source: sheet, sheet: {bad}}}")
+    assert r.returncode != 0
+    want = f"cohort sheet {bad}: lacks column(s) study_date, nct_dicom, ctpa_dicom, ctpa_mask"
+    assert want in r.stdout + r.stderr
+
+
 def test_lint_is_clean():
     r = snakemake("--lint")
     assert r.returncode == 0, r.stdout[-3000:]

@@ -122,6 +122,7 @@ def _check_mask(pid: str, label: str, mask_path: Path, ctpa: Series) -> None:
     try:
         img = nib.load(mask_path)
         shape = img.shape
+        data = np.asarray(img.dataobj)  # decode it all: a truncated .nii.gz fails here, not downstream
     except FileNotFoundError as err:
         raise InputError(pid, mask_path, "mask file does not exist") from err
     except Exception as err:
@@ -133,7 +134,10 @@ def _check_mask(pid: str, label: str, mask_path: Path, ctpa: Series) -> None:
         raise InputError(
             pid, mask_path, f"inconsistent geometry: {why} (series {ctpa.key} '{ctpa.first.description}')"
         )
-    if label == "1" and not np.any(np.asarray(img.dataobj) > 0):
+    values = np.unique(data)
+    if not np.all(np.isin(values, (0, 1))):
+        raise InputError(pid, mask_path, f"mask must contain only 0 and 1, found {values[:5].tolist()}")
+    if label == "1" and not np.any(data > 0):
         raise InputError(pid, mask_path, "empty mask on a PE patient (label 1)")
 
 

@@ -6,6 +6,8 @@ import sys
 from pathlib import Path
 
 import pandas as pd
+import yaml
+from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
 
 validate(config, schema="../schemas/config.schema.yaml")
@@ -170,10 +172,24 @@ def final_outputs():
 
 
 if not SYNTHETIC:
-    validate(
-        pd.read_csv(config["cohort"]["sheet"], sep="\t", dtype=str),
-        schema="../schemas/cohort.schema.yaml",
+    # The sheet as a whole (readable, every column of the schema) is checked here; its rows are validated
+    # against workflow/schemas/cohort.schema.yaml by `cpmn screen`, which excludes a bad row with one line
+    # (patient, sheet, row and column) and lets the rest of the cohort go on.
+    _sheet = config["cohort"]["sheet"]
+    try:
+        _columns = pd.read_csv(_sheet, sep="\t", dtype=str, nrows=0).columns
+    except Exception as err:
+        raise WorkflowError(
+            f"cohort sheet {_sheet}: cannot read it ({type(err).__name__}: {err})"
+        )
+    _schema = yaml.safe_load(
+        (Path(workflow.current_basedir) / "../schemas/cohort.schema.yaml").read_text()
     )
+    _missing = [c for c in _schema["required"] if c not in _columns]
+    if _missing:
+        raise WorkflowError(
+            f"cohort sheet {_sheet}: lacks column(s) {', '.join(_missing)}"
+        )
 
 
 def ref_template(wildcards):
