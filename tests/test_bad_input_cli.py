@@ -75,6 +75,38 @@ def _case_preprocess_mask_off_grid(tmp_path):
     return _preprocess_args(paths, out), "Q7", paths["mask"], "not on the NCT grid", out
 
 
+def _truncate(path, keep=0.5):
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * keep)])
+
+
+def _case_preprocess_truncated_mask(tmp_path):
+    paths = _volumes(tmp_path)
+    _truncate(paths["mask"])
+    out = tmp_path / "Q7.npz"
+    return _preprocess_args(paths, out), "Q7", paths["mask"], "cannot read mask NIfTI", out
+
+
+def _case_preprocess_mask_shifted(tmp_path):
+    paths = _volumes(tmp_path)
+    img = nib.load(paths["mask"])
+    affine = img.affine.copy()
+    affine[0, 3] += 3.0  # same shape and spacing, 3 mm off
+    nib.save(nib.Nifti1Image(np.asarray(img.dataobj), affine), paths["mask"])
+    out = tmp_path / "Q7.npz"
+    return _preprocess_args(paths, out), "Q7", paths["mask"], r"affine differs by up to 3 mm", out
+
+
+def _case_register_truncated_ctpa(tmp_path):
+    # a cut .nii.gz: ITK would read it as a whole volume with zeros at the end and register garbage
+    paths = _volumes(tmp_path, shape=(40, 40, 30))
+    _truncate(paths["ctpa"])
+    out = tmp_path / "reg"
+    args = ["register", "--patient", "Q7", "--nct", str(paths["nct"]), "--ctpa", str(paths["ctpa"])]
+    args += ["--mask", str(paths["mask"]), "--out-dir", str(out)]
+    return args, "Q7", paths["ctpa"], "cannot read CTPA NIfTI", out
+
+
 def _case_patches_truncated(tmp_path):
     src = tmp_path / "R2.npz"
     np.savez(src, nct=np.zeros((40, 40, 40), np.float32), mask=np.zeros((40, 40, 40), np.uint8), label=0)
@@ -123,6 +155,9 @@ CASES = {
     "preprocess: 4-D image": _case_preprocess_4d,
     "preprocess: empty mask on a PE patient": _case_preprocess_empty_mask,
     "preprocess: mask off the NCT grid": _case_preprocess_mask_off_grid,
+    "preprocess: truncated mask": _case_preprocess_truncated_mask,
+    "preprocess: mask shifted, same shape": _case_preprocess_mask_shifted,
+    "register: truncated CTPA": _case_register_truncated_ctpa,
     "patches: truncated file": _case_patches_truncated,
     "patches: no mask": _case_patches_no_mask,
     "split: bad label": _case_split_bad_label,

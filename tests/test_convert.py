@@ -33,12 +33,25 @@ def _canon(img: nib.Nifti1Image) -> tuple[np.ndarray, np.ndarray]:
     return c.affine, np.asarray(c.dataobj)
 
 
+def _write_text_sr(path: Path) -> None:
+    meta = pydicom.dataset.FileMetaDataset()
+    meta.MediaStorageSOPClassUID = pydicom.uid.BasicTextSRStorage
+    meta.MediaStorageSOPInstanceUID = pydicom.uid.generate_uid()
+    meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian
+    ds = pydicom.dataset.FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
+    ds.SOPClassUID = meta.MediaStorageSOPClassUID
+    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+    ds.Modality = "SR"
+    ds.save_as(path, enforce_file_format=True)
+
+
 def test_picks_by_rule_and_preference(tmp_path):
     src = tmp_path / "dicom"
     write_patient(src, "P1", localizer=True)
     # a second CTPA reconstruction, thicker slices: rule matches both, preference keeps the thin one
     write_phase(src, "P1", blood_hu=CTPA_HU, description="CTPA 5.0 mm", series_number=4, slice_thickness=7.5)
     (src / "README.txt").write_text("export notes\n")
+    _write_text_sr(src / "SR_0001.dcm")  # a report object in the export: ignored, not an error
     qc = convert_patient([src], tmp_path / "out", "P1")
     out = tmp_path / "out"
     assert sorted(x.name for x in out.iterdir()) == [
@@ -57,7 +70,8 @@ def test_picks_by_rule_and_preference(tmp_path):
         by_num[2]["blood_pool_hu"] == pytest.approx(NCT_HU, abs=1) and by_num[3]["blood_pool_hu"] == CTPA_HU
     )
     assert qc["ignored_files"] == [
-        {"file": str(src / "README.txt"), "reason": "documentation / non-image file by name"}
+        {"file": str(src / "README.txt"), "reason": "documentation / non-image file by name"},
+        {"file": str(src / "SR_0001.dcm"), "reason": "DICOM object without image (Basic Text SR Storage)"},
     ]
     # geometry and HU survive: same world grid as the phantom after reorientation
     ref_aff, ref = _canon(nib.Nifti1Image(chest_volume(CTPA_HU), AFFINE))
@@ -121,6 +135,10 @@ def _bad_cases(tmp_path: Path):
     f = write_patient(d, "B2")["ctpa"][5]
     f.write_bytes(f.read_bytes()[:-300])
     cases.append(("truncated", d, "truncated pixel data", f))
+    d = tmp_path / "headcut"
+    f = write_patient(d, "B6")["nct"][3]
+    f.write_bytes(f.read_bytes()[:600])  # cut inside the header: no Rows, SOP class CT Image Storage
+    cases.append(("headcut", d, "corrupt DICOM: header ends after 600 bytes", f))
     d = tmp_path / "mr"
     write_patient(d, "B3", ctpa=False)
     mr = write_phase(d, "B3", blood_hu=CTPA_HU, description="CTPA", series_number=9, modality="MR")
@@ -139,7 +157,8 @@ def test_bad_input_one_line_no_output(tmp_path, capsys):
     cases, mr = _bad_cases(tmp_path)
     for name, folder, msg, bad_file in cases:
         out = tmp_path / f"out_{name}"
-        pid = {"junk": "B1", "truncated": "B2", "modality": "B3", "missing": "B4", "duplicate": "B5"}[name]
+        pid = {"junk": "B1", "truncated": "B2", "modality": "B3", "missing": "B4", "duplicate": "B5"}
+        pid = {**pid, "headcut": "B6"}[name]
         with pytest.raises(InputError) as ei:
             convert_patient([folder], out, pid)
         assert msg in str(ei.value), (name, str(ei.value))

@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -239,6 +240,14 @@ def read_header(path: Path, patient: str | None) -> SliceHeader | str:
     Raises:
         InputError: not DICOM, corrupt DICOM, truncated pixel data, or an image whose modality is not CT.
     """
+    # pydicom warns (on stderr) about values it cannot validate, e.g. a UID cut short; the errors of
+    # _read_header say what is wrong in one line instead
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return _read_header(path, patient)
+
+
+def _read_header(path: Path, patient: str | None) -> SliceHeader | str:
     why = _ignored_by_name(path)
     if why:
         return why
@@ -258,7 +267,17 @@ def read_header(path: Path, patient: str | None) -> SliceHeader | str:
         if sop == _DIRECTORY_SOP:
             return "DICOMDIR (media storage directory)"
         if "Rows" not in ds:
-            return f"DICOM object without image (SOP class {sop or 'unknown'})"
+            known = pydicom.uid.UID_dictionary.get(sop)
+            if known is None or "Image Storage" in known[0]:
+                # an image SOP class (or none that reads) without Rows: the header was cut short, as in a
+                # file copied only in part; skipping it would convert the series with a slice missing
+                raise InputError(
+                    patient,
+                    path,
+                    f"corrupt DICOM: header ends after {pixel_pos} bytes without image attributes (Rows)"
+                    f" for SOP class {known[0] if known else repr(sop) or 'missing'}",
+                )
+            return f"DICOM object without image ({known[0]})"
         if sop.startswith(_SC_PREFIX):
             return "secondary capture (e.g. dose report), not an acquired image"
         if tag not in (b"\xe0\x7f\x10\x00", b"\x7f\xe0\x00\x10"):

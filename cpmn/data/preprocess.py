@@ -41,6 +41,7 @@ from nibabel.processing import resample_from_to
 from scipy import ndimage
 
 from cpmn.config import add_config_arguments, resolve
+from cpmn.data.niftiio import load_nifti
 from cpmn.errors import InputError, atomic_path, report
 
 #: defaults equal to config/config.yaml ``preprocess``
@@ -81,22 +82,6 @@ def read_preprocessed(
         raise
     except Exception as err:  # a truncated (BadZipFile) or foreign file
         raise InputError(patient_id, path, f"cannot read npz ({err})") from err
-
-
-def _load(path: str | os.PathLike, patient_id: str, what: str) -> nib.Nifti1Image:
-    p = Path(path)
-    if not p.is_file():
-        raise InputError(patient_id, p, f"{what} file does not exist")
-    try:
-        img = nib.load(str(p))
-        img.get_fdata(dtype=np.float32)
-    except Exception as exc:  # noqa: BLE001 - nibabel raises assorted types for broken files
-        raise InputError(
-            patient_id, p, f"cannot read {what} NIfTI ({exc.__class__.__name__}: {exc})"
-        ) from exc
-    if img.ndim != 3:
-        raise InputError(patient_id, p, f"{what} must be a 3D image, got shape {img.shape}")
-    return img
 
 
 def window(hu: np.ndarray, hu_window: tuple[float, float]) -> np.ndarray:
@@ -162,18 +147,26 @@ def preprocess_patient(
     label = int(label)
     if label not in (0, 1):
         raise InputError(patient_id, nct, f"label must be 0 or 1, got {label}")
-    nct_img = _load(nct, patient_id, "NCT")
+    nct_img = load_nifti(nct, patient_id, "NCT")
     others: dict[str, tuple[nib.Nifti1Image, str | os.PathLike]] = {
-        "ctpa": (_load(ctpa, patient_id, "CTPA"), ctpa)
+        "ctpa": (load_nifti(ctpa, patient_id, "CTPA"), ctpa)
     }
     if mask is not None:
-        others["mask"] = (_load(mask, patient_id, "mask"), mask)
+        others["mask"] = (load_nifti(mask, patient_id, "mask"), mask)
     if truth_mask is not None:
-        others["truth_mask"] = (_load(truth_mask, patient_id, "truth mask"), truth_mask)
+        others["truth_mask"] = (load_nifti(truth_mask, patient_id, "truth mask"), truth_mask)
     for key, (img, path) in others.items():
-        if img.shape != nct_img.shape or not np.allclose(img.affine, nct_img.affine, atol=1e-2):
+        if img.shape != nct_img.shape:
             raise InputError(
                 patient_id, path, f"{key} is not on the NCT grid (shape {img.shape} vs {nct_img.shape})"
+            )
+        if not np.allclose(img.affine, nct_img.affine, atol=1e-2):
+            worst = float(np.max(np.abs(img.affine - nct_img.affine)))
+            raise InputError(
+                patient_id,
+                path,
+                f"{key} is not on the NCT grid (same shape {img.shape}, voxel-to-world affine differs"
+                f" by up to {worst:.3g} mm)",
             )
 
     raw_mask = np.asarray(others["mask"][0].dataobj) > 0.5 if mask is not None else None

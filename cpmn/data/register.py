@@ -50,6 +50,7 @@ from typing import Any
 import numpy as np
 
 from cpmn.config import add_config_arguments, resolve
+from cpmn.data.niftiio import load_nifti
 from cpmn.errors import InputError, atomic_path, report
 
 #: defaults equal to config/config.yaml ``register``
@@ -84,8 +85,7 @@ def _read(path: str | os.PathLike, patient_id: str, what: str):
     import ants
 
     p = Path(path)
-    if not p.is_file():
-        raise InputError(patient_id, p, f"{what} file does not exist")
+    load_nifti(p, patient_id, what)  # ITK fills a truncated .nii.gz silently; nibabel decoding does not
     try:
         img = ants.image_read(str(p))
     except Exception as exc:  # noqa: BLE001 - ants raises assorted types for unreadable files

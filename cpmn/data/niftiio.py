@@ -1,0 +1,36 @@
+"""One reader of NIfTI inputs for the per-patient stages, with the errors named after patient and file."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+from cpmn.errors import InputError
+
+
+def load_nifti(path: str | os.PathLike, patient_id: str, what: str) -> nib.Nifti1Image:
+    """Open a 3-D NIfTI and decode all of its voxels once, so that a truncated ``.nii.gz`` fails here.
+
+    nibabel reads the header lazily and antspyx (ITK) does not notice a gzip stream cut short (it fills
+    the rest of the volume), so a file written only in part would otherwise flow on as a plausible image.
+
+    Raises:
+        InputError: the file is missing, unreadable or truncated, or not 3-D; ``what`` names the role
+            (``NCT``, ``CTPA``, ``mask``) in the message.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise InputError(patient_id, p, f"{what} file does not exist")
+    try:
+        img = nib.load(str(p))
+        img.get_fdata(dtype=np.float32)
+    except Exception as exc:  # noqa: BLE001 - nibabel raises assorted types for broken files
+        raise InputError(
+            patient_id, p, f"cannot read {what} NIfTI ({exc.__class__.__name__}: {exc})"
+        ) from exc
+    if img.ndim != 3:
+        raise InputError(patient_id, p, f"{what} must be a 3D image, got shape {img.shape}")
+    return img
