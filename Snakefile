@@ -30,3 +30,11 @@ rule all:
     default_target: True
     input:
         final_outputs(),
+
+
+onsuccess:
+    print_exclusions()
+
+
+onerror:
+    print_exclusions()

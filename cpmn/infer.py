@@ -27,6 +27,8 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -263,64 +265,81 @@ def infer_split(
         raise InputError(None, splits_tsv, f"split {split!r} has no patients")
     write_masks = split in p["mask_splits"]
     write_cams = split in p["cam_splits"]
-    rows = []
-    # disable=None: the bar draws only on a terminal, not into a rule's log file
-    for pid in tqdm(ids, desc=f"infer {split}", unit="patient", disable=None):
-        npz = load_inference_npz(pid, preprocessed_dir, phase)
-        vol = torch.from_numpy(npz[phase])[None, None].to(device)
-        spacing = npz.get("spacing")
-        prob, mask = patient_score(pathway, npz[phase], spacing, patch, p, device)
-        row: dict[str, Any] = {"patient_id": pid, "split": split, "label": int(npz["label"]), "prob": prob}
-        row["score"] = p["score"]
-        for alt in alternatives:
-            if alt == "seg_volume" and mask is not None:
-                half = float(p["seg_volume_half_ml"])
-                row[f"prob_{alt}"] = seg_volume_score(mask, spacing, half)
-            else:
-                row[f"prob_{alt}"], alt_mask = patient_score(
-                    pathway, npz[phase], spacing, patch, {**p, "score": alt}, device
+    # masks and CAMs go to a staging folder that replaces ``{split}/`` only once every patient is done:
+    # a failure on one patient leaves no files of the patients before it
+    out_dir.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{split}.tmp", dir=out_dir))
+    try:
+        rows = []
+        # disable=None: the bar draws only on a terminal, not into a rule's log file
+        for pid in tqdm(ids, desc=f"infer {split}", unit="patient", disable=None):
+            npz = load_inference_npz(pid, preprocessed_dir, phase)
+            vol = torch.from_numpy(npz[phase])[None, None].to(device)
+            spacing = npz.get("spacing")
+            prob, mask = patient_score(pathway, npz[phase], spacing, patch, p, device)
+            row: dict[str, Any] = {
+                "patient_id": pid,
+                "split": split,
+                "label": int(npz["label"]),
+                "prob": prob,
+            }
+            row["score"] = p["score"]
+            for alt in alternatives:
+                if alt == "seg_volume" and mask is not None:
+                    half = float(p["seg_volume_half_ml"])
+                    row[f"prob_{alt}"] = seg_volume_score(mask, spacing, half)
+                else:
+                    row[f"prob_{alt}"], alt_mask = patient_score(
+                        pathway, npz[phase], spacing, patch, {**p, "score": alt}, device
+                    )
+                    mask = alt_mask if mask is None else mask
+            orig_affine = np.asarray(npz["orig_affine"], dtype=float)
+            if write_masks:
+                if mask is None:
+                    mask = segment(pathway, vol, patch, p)
+                mask = mask.cpu().numpy().astype(np.uint8)
+                row["mask"] = _write_nifti(
+                    to_original_grid(mask, npz, order=0).astype(np.uint8),
+                    orig_affine,
+                    staging / f"{pid}_mask.nii.gz",
+                    split,
                 )
-                mask = alt_mask if mask is None else mask
-        orig_affine = np.asarray(npz["orig_affine"], dtype=float)
-        if write_masks:
-            if mask is None:
-                mask = segment(pathway, vol, patch, p)
-            mask = mask.cpu().numpy().astype(np.uint8)
-            row["mask"] = _write_nifti(
-                to_original_grid(mask, npz, order=0).astype(np.uint8),
-                orig_affine,
-                masks_dir / f"{pid}_mask.nii.gz",
-            )
-        if write_cams and (row["label"] == 1 or not p["cam_positives_only"]):
-            cam = GradCAM(cls_logit, target_layers=cam_target_layer(cls_logit))
-            with torch.enable_grad():
-                heat = sliding_window_inference(
-                    vol, patch, 1, cam, overlap=float(p["overlap"]), mode="gaussian"
+            if write_cams and (row["label"] == 1 or not p["cam_positives_only"]):
+                cam = GradCAM(cls_logit, target_layers=cam_target_layer(cls_logit))
+                with torch.enable_grad():
+                    heat = sliding_window_inference(
+                        vol, patch, 1, cam, overlap=float(p["overlap"]), mode="gaussian"
+                    )
+                heat = heat[0, 0].detach().cpu().numpy().astype(np.float32)
+                row["cam"] = _write_nifti(
+                    to_original_grid(heat, npz, order=1).astype(np.float32),
+                    orig_affine,
+                    staging / f"{pid}_cam.nii.gz",
+                    split,
                 )
-            heat = heat[0, 0].detach().cpu().numpy().astype(np.float32)
-            row["cam"] = _write_nifti(
-                to_original_grid(heat, npz, order=1).astype(np.float32),
-                orig_affine,
-                masks_dir / f"{pid}_cam.nii.gz",
-            )
-        if nifti_dir is not None:
-            row["image"] = os.path.relpath(Path(nifti_dir) / pid / "nct.nii.gz", out_dir)
-        if ref_template:
-            ref = Path(ref_template.format(patient=pid))
-            if ref.exists():
-                row["ref_mask"] = os.path.relpath(ref, out_dir)
-        rows.append(row)
-    df = pd.DataFrame(rows)
-    with atomic_path(out_tsv) as tmp:
-        df.to_csv(tmp, sep="\t", index=False, float_format="%.6g")
+            if nifti_dir is not None:
+                row["image"] = os.path.relpath(Path(nifti_dir) / pid / "nct.nii.gz", out_dir)
+            if ref_template:
+                ref = Path(ref_template.format(patient=pid))
+                if ref.exists():
+                    row["ref_mask"] = os.path.relpath(ref, out_dir)
+            rows.append(row)
+        df = pd.DataFrame(rows)
+        with atomic_path(out_tsv) as tmp:
+            df.to_csv(tmp, sep="\t", index=False, float_format="%.6g")
+            if masks_dir.exists():
+                shutil.rmtree(masks_dir)
+            os.replace(staging, masks_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return df
 
 
-def _write_nifti(array: np.ndarray, affine: np.ndarray, path: Path) -> str:
-    """Write ``array`` on the original NCT grid; returns the path relative to the predictions folder."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+def _write_nifti(array: np.ndarray, affine: np.ndarray, path: Path, split: str) -> str:
+    """Write ``array`` on the original NCT grid into the staging folder; returns the path it will have
+    relative to the predictions folder (``{split}/{name}``)."""
     nib.save(nib.Nifti1Image(array, affine), path)
-    return os.path.relpath(path, path.parent.parent)
+    return f"{split}/{path.name}"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -366,7 +366,8 @@ def test_bad_preprocessed_file_is_one_error_line_naming_patient_and_file(study, 
         fault
     ]
     assert re.search(reason, err[0])
-    assert not out.exists() and not any(out.parent.glob("*.tsv*"))
+    # nothing left behind: neither the table nor patient A1's mask and CAM written before B2 failed
+    assert not out.exists() and not list(out.parent.rglob("*"))
 
 
 def test_unreadable_model_and_empty_split_are_one_error_line(study, capsys):

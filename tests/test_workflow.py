@@ -57,6 +57,20 @@ def test_own_cohort_sheet_bad_row_is_left_to_screening(tmp_path):
     r = snakemake("-n", "--config", f"results={tmp_path}/res", f"cohort={{source: sheet, sheet: {good}}}")
     assert r.returncode == 0, r.stderr[-2000:]
     assert "screen_cohort" in r.stdout + r.stderr
+    # run the screening for real: both rows are excluded, and the run ends by listing them on the console
+    r = snakemake(
+        f"{tmp_path}/res/cohort.included.tsv",
+        "--cores",
+        "1",
+        "--config",
+        f"results={tmp_path}/res",
+        f"cohort={{source: sheet, sheet: {good}}}",
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    console = r.stdout + r.stderr
+    assert f"EXCLUDED patient P1: {good}: row 1: column label:" in console
+    assert f"EXCLUDED patient P2: {tmp_path / 'b'}: " in console
+    assert f"2 patient(s) excluded by screening: see {tmp_path}/res/qc/excluded.tsv" in console
     bad = tmp_path / "bad.tsv"
     bad.write_text("patient_id\tlabel\nP1\t1\n")
     r = snakemake("-n", "--config", f"results={tmp_path}/res", f"cohort={{source: sheet, sheet: {bad}}}")

@@ -217,3 +217,21 @@ def output_dir(key):
         return str(Path(output[key]).parent)
 
     return folder
+
+
+def print_exclusions():
+    """Repeat the screening's exclusions on the console at the end of a run (onsuccess/onerror): they are
+    otherwise only in results/qc/excluded.tsv and the screen_cohort log, where a user may not look.
+    """
+    path = Path(f"{RES}/qc/excluded.tsv")
+    if not path.is_file():
+        return
+    table = pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False)
+    for row in table.itertuples(index=False):
+        print(
+            f"EXCLUDED patient {row.patient_id or '?'}: {row.file}: {row.reason}",
+            file=sys.stderr,
+        )
+    if len(table):
+        ids = table["patient_id"].nunique()
+        print(f"{ids} patient(s) excluded by screening: see {path}", file=sys.stderr)

@@ -7,7 +7,8 @@ rule infer:
         splits=f"{RES}/splits.tsv",
         preprocessed=preprocessed_files,
     output:
-        f"{RES}/predictions/{{variant}}/{{split}}.tsv",
+        tsv=f"{RES}/predictions/{{variant}}/{{split}}.tsv",
+        masks=directory(f"{RES}/predictions/{{variant}}/{{split}}"),
     log:
         f"{RES}/logs/infer/{{variant}}_{{split}}.log",
     benchmark:
@@ -27,4 +28,4 @@ rule infer:
     shell:
         "cpmn infer --model {input.model} --splits {input.splits} --split {wildcards.split}"
         " --preprocessed-dir {params.pre} --nifti-dir {params.nifti} --ref-template {params.refs:q}"
-        " --out {output} --threads {threads} --params {params.cfg:q} > {log} 2>&1"
+        " --out {output.tsv} --threads {threads} --params {params.cfg:q} > {log} 2>&1"
