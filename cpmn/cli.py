@@ -10,6 +10,8 @@ import argparse
 import importlib
 import sys
 
+from cpmn.errors import InputError, report
+
 #: subcommand -> (module, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "synth": ("cpmn.phantom.cli", "generate the synthetic dual-phase cohort (DICOM, masks, truth, sheet)"),
@@ -51,7 +53,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog=f"cpmn {name}", description=SUBCOMMANDS[name][1])
     module.add_arguments(parser)
     args = parser.parse_args(rest)
-    return int(module.run(args) or 0)
+    try:
+        return int(module.run(args) or 0)
+    except InputError as err:  # e.g. a config key that breaks the schema, raised before a stage's own try
+        return report(err)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,13 @@ import json
 from pathlib import Path
 from typing import Any
 
+import jsonschema
 import yaml
+
+from cpmn.errors import InputError
+
+#: the study config's schema, shared with the workflow (common.smk validates the whole config with it)
+SCHEMA_PATH = Path(__file__).resolve().parents[1] / "workflow" / "schemas" / "config.schema.yaml"
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
@@ -63,18 +69,57 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def check_sections(cfg: dict[str, Any], section: str | None, source: str) -> None:
+    """Validate config sections against ``workflow/schemas/config.schema.yaml`` (every section is closed).
+
+    With ``section``, ``cfg`` is that one section; without, ``cfg`` maps section names to sections and
+    only the sections present are checked (a stage needs only some). The workflow validates the whole
+    config itself; this makes a typo'd key in a hand-run ``--params`` or ``--config`` fail the same way.
+
+    Raises:
+        InputError: the first schema violation, e.g. ``register: reg_iteration: unknown key``, naming
+            ``source``.
+    """
+    if not SCHEMA_PATH.is_file():  # an installed package without the workflow folder: nothing to check
+        return
+    schema = load_yaml(SCHEMA_PATH)
+    sections = {section: cfg} if section is not None else cfg
+    for name, value in sections.items():
+        sub = schema["properties"].get(name)
+        if sub is None:
+            raise InputError(None, source, f"unknown config section {name!r}")
+        validator = jsonschema.Draft202012Validator({"$defs": schema.get("$defs", {}), **sub})
+        errors = sorted(validator.iter_errors(value), key=lambda e: list(e.absolute_path))
+        if errors:
+            err = errors[0]
+            where = ".".join(str(k) for k in (name, *err.absolute_path))
+            if err.validator == "additionalProperties":
+                unknown = sorted(set(err.instance) - set(err.schema.get("properties", {})))
+                raise InputError(None, source, f"{where}: unknown key(s) {', '.join(unknown)}")
+            raise InputError(None, source, f"{where}: {err.message}")
+
+
 def resolve(args: argparse.Namespace, section: str | None = None) -> dict[str, Any]:
-    """The effective config for a subcommand: files from ``--config``, then ``--params``.
+    """The effective config for a subcommand: files from ``--config``, then ``--params``, checked
+    against the config schema (:func:`check_sections`).
 
     With ``section`` the named section of the files is returned (``--params`` is taken to be that
     section already); without it, the whole merged config.
+
+    Raises:
+        InputError: ``--params`` is not a JSON object, or a key or value breaks the schema.
     """
     cfg = load_config(*args.config) if args.config else {}
     if section is not None:
         cfg = cfg.get(section) or {}
+    source = " + ".join([*args.config, *(["--params"] if args.params else [])]) or "defaults"
     if args.params:
-        extra = json.loads(args.params)
+        try:
+            extra = json.loads(args.params)
+        except json.JSONDecodeError as err:
+            raise InputError(None, "--params", f"not valid JSON ({err})") from err
         if not isinstance(extra, dict):
-            raise ValueError("--params must be a JSON object")
+            raise InputError(None, "--params", "must be a JSON object")
         cfg = deep_merge(cfg, extra)
+    check_sections(cfg, section, source)
     return cfg

@@ -150,6 +150,11 @@ def _case_split_duplicate(tmp_path):
     return args, "S03", sheet, "patient_id appears more than once", out
 
 
+def _case_split_empty(tmp_path):
+    args, sheet, out = _sheet(tmp_path, lambda d: d.iloc[:0])
+    return args, "?", sheet, "no patients to split", out
+
+
 CASES = {
     "preprocess: missing NIfTI": _case_preprocess_missing_nifti,
     "preprocess: 4-D image": _case_preprocess_4d,
@@ -162,6 +167,7 @@ CASES = {
     "patches: no mask": _case_patches_no_mask,
     "split: bad label": _case_split_bad_label,
     "split: duplicate patient": _case_split_duplicate,
+    "split: empty cohort": _case_split_empty,
 }
 
 
@@ -175,3 +181,34 @@ def test_one_error_line_naming_patient_and_file_and_no_output(case, tmp_path, ca
     assert re.search(reason, err[0]), err[0]
     assert not out.exists()
     assert not [p for p in out.parent.glob(f".{out.name.split('.')[0]}*")]  # no temporary file either
+
+
+@pytest.mark.parametrize(
+    ("params", "reason"),
+    [
+        ('{"reg_iteration": [40, 20, 0]}', "--params: register: unknown key(s) reg_iteration"),
+        ('{"reg_iterations": "40"}', "--params: register.reg_iterations: '40' is not of type 'array'"),
+        ('{"reg_iterations": [40, 20, 0]', "--params: not valid JSON"),
+    ],
+)
+def test_a_config_typo_in_a_hand_run_is_one_error_line(params, reason, tmp_path, capsys):
+    """The workflow validates the config against its schema; a stage run by hand does the same."""
+    paths = _volumes(tmp_path)
+    out = tmp_path / "reg"
+    args = ["register", "--patient", "Q7", "--nct", str(paths["nct"]), "--ctpa", str(paths["ctpa"])]
+    args += ["--mask", str(paths["mask"]), "--out-dir", str(out), "--params", params]
+    assert main(args) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"ERROR patient ?: {reason}"), err
+    assert not out.exists()
+
+
+def test_unknown_section_or_key_of_a_whole_config_names_the_file():
+    from cpmn.config import check_sections
+    from cpmn.errors import InputError
+
+    with pytest.raises(InputError, match=r"mine.yaml: infer: unknown key\(s\) scor$"):
+        check_sections({"infer": {"scor": "max"}}, None, "mine.yaml")
+    with pytest.raises(InputError, match=r"mine.yaml: unknown config section 'inferr'$"):
+        check_sections({"inferr": {}}, None, "mine.yaml")
+    check_sections({"infer": {"score": "max"}, "patches": {"size": [32, 32, 32]}}, None, "mine.yaml")

@@ -43,6 +43,10 @@ def temporal_split(
     missing = [c for c in ("patient_id", "label", "study_date") if c not in df.columns]
     if missing:
         raise InputError(None, source, f"missing column(s) {', '.join(missing)}")
+    if len(df) == 0:
+        raise InputError(
+            None, source, "no patients to split (when screening excluded every row, see qc/excluded.tsv)"
+        )
     out = pd.DataFrame({"patient_id": df["patient_id"].astype(str)})
     dates = pd.to_datetime(df["study_date"], errors="coerce", format="ISO8601")
     labels = pd.to_numeric(df["label"], errors="coerce")
