@@ -124,6 +124,22 @@ def _case_patches_no_mask(tmp_path):
     return args, "R2", src, r"missing arrays \['mask'\]", out
 
 
+def _case_patches_empty_mask_on_pe(tmp_path):
+    src = tmp_path / "R2.npz"
+    np.savez(src, nct=np.zeros((40, 40, 40), np.float32), mask=np.zeros((40, 40, 40), np.uint8), label=1)
+    out = tmp_path / "bank" / "R2.npz"
+    args = ["patches", "--preprocessed", str(src), "--out", str(out)]
+    return args, "R2", src, r"label is 1 \(PE\) but the embolus mask is empty", out
+
+
+def _case_patches_shape_mismatch(tmp_path):
+    src = tmp_path / "R2.npz"
+    np.savez(src, nct=np.zeros((40, 40, 40), np.float32), mask=np.ones((40, 40, 36), np.uint8), label=1)
+    out = tmp_path / "bank" / "R2.npz"
+    args = ["patches", "--preprocessed", str(src), "--out", str(out)]
+    return args, "R2", src, r"mask shape \(40, 40, 36\) differs from nct \(40, 40, 40\)", out
+
+
 def _sheet(tmp_path, edit):
     rows = [
         {"patient_id": f"S{i:02d}", "label": i % 2, "study_date": f"{2019 + i % 4}-06-01"} for i in range(24)
@@ -165,6 +181,8 @@ CASES = {
     "register: truncated CTPA": _case_register_truncated_ctpa,
     "patches: truncated file": _case_patches_truncated,
     "patches: no mask": _case_patches_no_mask,
+    "patches: empty mask on a PE patient": _case_patches_empty_mask_on_pe,
+    "patches: mask off the nct grid": _case_patches_shape_mismatch,
     "split: bad label": _case_split_bad_label,
     "split: duplicate patient": _case_split_duplicate,
     "split: empty cohort": _case_split_empty,

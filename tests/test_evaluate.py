@@ -83,6 +83,7 @@ def make_study(root: Path, n_test: int = 30, n_val: int = 24, seed: int = 0) -> 
     for r in range(3):
         for pid, lab in pats["test"]:
             rl.append(f"R{r + 1}\t{pid}\t{int(rng.random() < (0.6 if lab else 0.1))}")
+    rl.append("R1\tZZ99\t1")  # a patient not in the test split (excluded, or a typo): warned, not used
     (root / "readers.tsv").write_text("\n".join(rl) + "\n")
     return root
 
@@ -212,7 +213,9 @@ def test_end_to_end_writes_everything(study):
         h, w = mpimg.imread(root / "figures" / f"{stem}.png").shape[:2]
         assert w >= 900 and h >= 600  # 300 dpi, >= 3.5 in wide
     on_disk = json.loads((root / "stats.json").read_text())
-    assert on_disk == out and out["warnings"] == []
+    assert on_disk == out and out["warnings"] == [
+        "readers: 1 patient id(s) read but not in the test split, not used (ZZ99)"
+    ]
     tex = (root / "tables" / "table1_ablation.tex").read_text()
     assert "\\toprule" in tex and "\\bottomrule" in tex and "+MLS+IFA+IFD" in tex
 

@@ -113,6 +113,26 @@ def test_collect_qc(registered, tmp_path, capsys):
     assert f"{qc['dice_truth']:.3f}" in printed  # mean over patients with truth only
 
 
+def test_scans_apart_in_scanner_coordinates_still_register_with_a_warning(tmp_path, capsys):
+    """A CTPA 1 m away along z (another frame of reference): the centre-of-mass start still aligns it;
+    NCC before is undefined and said so, NCC after is measured where the warped CTPA covers the body."""
+    pair = synthetic_pair((48, 48, 48), 4.0, shift_mm=(8.0, -6.0, 4.0), clot_radius_mm=(14.0, 12.0), seed=0)
+    paths = _write(tmp_path, pair)
+    far = pair["affine"].copy()
+    far[2, 3] += 1000.0
+    for key in ("ctpa", "ctpa_mask"):
+        nib.save(nib.Nifti1Image(pair[key], far), paths[key])
+    qc = register_patient(
+        paths["nct"], paths["ctpa"], paths["ctpa_mask"], tmp_path / "D", "FAR", truth_mask=paths["nct_mask"]
+    )
+    err = capsys.readouterr().err
+    assert f"WARNING patient FAR: {paths['ctpa']}: CTPA and NCT do not overlap in scanner coordinates" in err
+    assert math.isnan(qc["ncc_before"]) and qc["ncc_after"] > 0.8 and qc["dice_truth"] > 0.8
+    assert "NCC improved in 0/0 patients (1 without an NCC before or after)" in qc_mod.summary(
+        qc_mod.pd.DataFrame([qc])
+    )
+
+
 def test_bad_mask_grid_is_one_line_error(tmp_path):
     pair = synthetic_pair((24, 24, 24), 8.0, seed=1)
     paths = _write(tmp_path, pair)

@@ -195,6 +195,24 @@ def extract_patch_bank(
     return {"centres": centres, "positive": positive, "size": size}
 
 
+def check_preprocessed(pid: str, path: str | os.PathLike, npz: Mapping[str, Any]) -> None:
+    """The arrays a patch bank is drawn from agree: every volume on the ``nct`` grid, ``label`` 0 or 1,
+    and a PE patient's mask not empty (it would give a bank without a positive patch).
+
+    Raises:
+        InputError: naming the patient and the file.
+    """
+    shape = np.shape(npz["nct"])
+    for key in ("mask", "ctpa", "body"):
+        if key in npz and np.shape(npz[key]) != shape:
+            raise InputError(pid, path, f"{key} shape {np.shape(npz[key])} differs from nct {shape}")
+    label = np.asarray(npz["label"])
+    if label.size != 1 or label.item() not in (0, 1):
+        raise InputError(pid, path, f"label must be 0 or 1, got {label.tolist()}")
+    if int(label.item()) == 1 and not np.any(np.asarray(npz["mask"]) > 0):
+        raise InputError(pid, path, "label is 1 (PE) but the embolus mask is empty")
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preprocessed", required=True, help="preprocessed patient .npz")
     parser.add_argument("--out", required=True, help="output .npz (centres, positive, size)")
@@ -208,6 +226,7 @@ def run(args: argparse.Namespace) -> int:
     pid = args.patient or path.name.removesuffix(".npz")
     try:
         npz = read_preprocessed(pid, path, ("nct", "mask", "label"), optional=None)
+        check_preprocessed(pid, path, npz)
         bank = extract_patch_bank(npz, params, patient_seed(pid, params["seed"]))
     except InputError as err:
         return report(err)

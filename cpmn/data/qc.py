@@ -67,7 +67,10 @@ def summary(df: pd.DataFrame) -> str:
     """A few lines: patients, mean/min Dice vs truth, NCC improvements, Jacobian and folding extremes."""
     n = len(df)
     dice = pd.to_numeric(df["dice_truth"], errors="coerce").dropna()
-    improved = int((pd.to_numeric(df["ncc_after"]) > pd.to_numeric(df["ncc_before"])).sum())
+    before = pd.to_numeric(df["ncc_before"], errors="coerce")
+    after = pd.to_numeric(df["ncc_after"], errors="coerce")
+    both = before.notna() & after.notna()
+    improved = int((after[both] > before[both]).sum())
     lines = [f"registration QC: {n} patients"]
     if len(dice):
         lines.append(
@@ -75,7 +78,8 @@ def summary(df: pd.DataFrame) -> str:
         )
     else:
         lines.append("  mean Dice(warped mask, truth) n/a (no truth masks)")
-    lines.append(f"  NCC improved in {improved}/{n} patients")
+    no_before = "" if both.all() else f" ({n - int(both.sum())} without an NCC before or after)"
+    lines.append(f"  NCC improved in {improved}/{int(both.sum())} patients{no_before}")
     jac = pd.to_numeric(df["jac_min"], errors="coerce")
     fold = pd.to_numeric(df["folding_pct"], errors="coerce")
     if jac.notna().any():

@@ -42,6 +42,7 @@ import json
 import math
 import os
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -266,8 +267,23 @@ def register_patient(
         ).numpy()
         lo, hi = float(hu_clip[0]), float(hu_clip[1])
         f_arr = np.clip(fixed.numpy(), lo, hi)
-        where = body_mask(fixed.numpy(), float(p["body_threshold_hu"])) & fov_id & (fov_w > 0.999)
-        ncc_before = ncc(f_arr, np.clip(identity.numpy(), lo, hi), where)
+        covered = body_mask(fixed.numpy(), float(p["body_threshold_hu"])) & (fov_w > 0.999)
+        if covered.sum() < 2:
+            raise InputError(
+                patient_id, ctpa, "the registered CTPA covers none of the NCT body: the scans do not match"
+            )
+        where = covered & fov_id
+        if where.sum() < 2:
+            # scanner coordinates of the two scans do not overlap (another frame of reference, e.g. a
+            # different session): the centre-of-mass start still aligns them, but there is no "before"
+            print(
+                f"WARNING patient {patient_id}: {ctpa}: CTPA and NCT do not overlap in scanner coordinates;"
+                f" ncc_before is undefined, ncc_after is over the {int(covered.sum())} NCT body voxels"
+                " the registered CTPA covers",
+                file=sys.stderr,
+            )
+            where = covered
+        ncc_before = ncc(f_arr, np.clip(identity.numpy(), lo, hi), where & fov_id)
         ncc_after = ncc(f_arr, np.clip(warped.numpy(), lo, hi), where)
         mask_arr = (warped_mask.numpy() > 0.5).astype(np.uint8)
         qc = {

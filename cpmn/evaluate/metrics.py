@@ -424,6 +424,12 @@ def evaluate_readers(
         warn.append(
             f"readers: {len(common)} of {len(test_ids)} test patients were read by every reader; using those"
         )
+    foreign = sorted(set().union(*readers.values()) - test_ids)
+    if foreign:  # other splits, patients excluded at screening, or a typo'd id
+        warn.append(
+            f"readers: {len(foreign)} patient id(s) read but not in the test split, not used"
+            f" ({', '.join(foreign[:5])}{', ...' if len(foreign) > 5 else ''})"
+        )
     idx = {pid: i for i, pid in enumerate(ref.patient_id.astype(str))}
     sel = np.array([idx[p] for p in common])
     y = ref.label[sel]
