@@ -10,7 +10,9 @@ For each patient of the split the stored (preprocessed) volume of the variant's 
 * the embolus mask comes from MONAI ``sliding_window_inference`` over the whole volume with the patch size P
   (Gaussian blending), arg-max over the two classes, resampled back onto the original NCT grid;
 * the CAM comes from MONAI ``GradCAM`` on the classification logit, at the encoder map the classifier reads
-  (``model.cls_level``), over the same sliding windows.
+  (``model.cls_level``), over the same sliding windows, written as NIfTI on the original NCT grid and as a
+  PNG (:func:`cpmn.evaluate.figures.cam_overview`: the axial slice with the most reference voxels, CAM
+  overlay, predicted mask in red and reference in green).
 
 Masks and CAMs are written for the splits in ``infer.mask_splits`` / ``infer.cam_splits`` (default: test,
 which is where Dice and Fig. 2b are measured); with ``infer.score: centre`` or ``max`` the validation split
@@ -205,7 +207,8 @@ def compare_scores(params: dict[str, Any], entry: dict[str, Any]) -> list[str]:
 
 def load_inference_npz(pid: str, preprocessed_dir: str | os.PathLike, phase: str) -> dict[str, np.ndarray]:
     """The arrays of one preprocessed file that inference needs: ``phase`` ``(X, Y, Z)`` float32, ``label``,
-    the grids (``nct``, ``affine``, ``orig_affine``, ``orig_shape``) and, where stored, ``spacing``.
+    the grids (``nct``, ``affine``, ``orig_affine``, ``orig_shape``) and, where stored, ``spacing``,
+    ``mask`` and ``truth_mask`` (the reference drawn in the CAM PNG).
 
     Raises:
         InputError: the file is missing, unreadable, lacks an array, or the phase is not a 3D volume of the
@@ -214,7 +217,7 @@ def load_inference_npz(pid: str, preprocessed_dir: str | os.PathLike, phase: str
     from cpmn.data.preprocess import read_preprocessed
 
     path = Path(preprocessed_dir) / f"{pid}.npz"
-    out = read_preprocessed(pid, path, (phase, *NPZ_KEYS), ("spacing",))
+    out = read_preprocessed(pid, path, (phase, *NPZ_KEYS), ("spacing", "mask", "truth_mask"))
     out[phase] = np.ascontiguousarray(out[phase], dtype=np.float32)
     if out[phase].ndim != 3 or out[phase].shape != out["nct"].shape:
         raise InputError(pid, path, f"{phase} must be a 3D volume of the stored grid {out['nct'].shape}")
@@ -245,6 +248,7 @@ def infer_split(
     from monai.visualize import GradCAM
 
     from cpmn.data.preprocess import to_original_grid
+    from cpmn.evaluate.figures import cam_overview
     from cpmn.train import read_splits
     from cpmn.variants import load_for_inference, variant_score
 
@@ -317,6 +321,18 @@ def infer_split(
                     staging / f"{pid}_cam.nii.gz",
                     split,
                 )
+                ref = npz.get("truth_mask", npz.get("mask"))  # phantom truth, else the annotation
+                pred = mask.cpu().numpy() if isinstance(mask, torch.Tensor) else mask
+                cam_overview(
+                    npz[phase],
+                    heat,
+                    np.linalg.norm(np.asarray(npz["affine"], float)[:3, :3], axis=0),
+                    staging / f"{pid}_cam.png",
+                    f"{pid} ({phase.upper()}, label {row['label']}), p = {prob:.3f}",
+                    mask=pred,
+                    ref=ref,
+                )
+                row["cam_png"] = f"{split}/{pid}_cam.png"
             if nifti_dir is not None:
                 row["image"] = os.path.relpath(Path(nifti_dir) / pid / "nct.nii.gz", out_dir)
             if ref_template:

@@ -479,3 +479,20 @@ def test_bad_predictions_name_the_patient_and_the_file(tmp_path, edit, pid, reas
         w.writerows(rows)
     with pytest.raises(InputError, match=rf"^patient {want}: {re.escape(str(path))}: .*{re.escape(reason)}"):
         M.load_predictions(path, "test")
+
+
+def test_cam_overview_shows_the_reference_slice_else_the_cam_maximum(tmp_path):
+    from cpmn.evaluate.figures import cam_overview
+
+    image = np.zeros((12, 10, 8), np.float32)
+    cam = np.zeros_like(image)
+    cam[4, 4, 3] = 1.0
+    ref = np.zeros_like(image)
+    ref[2:4, 2:4, 5] = 1
+    ref[2, 2, 6] = 1
+    assert cam_overview(image, cam, (2.0, 2.0, 3.0), tmp_path / "a.png", "A", ref=ref) == 5
+    assert cam_overview(image, cam, (2.0, 2.0, 3.0), tmp_path / "b.png", "B", ref=ref * 0) == 3
+    assert (tmp_path / "a.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(ValueError, match="cam shape"):
+        cam_overview(image, cam[:, :, :4], (2.0, 2.0, 3.0), tmp_path / "c.png", "C")
+    assert not (tmp_path / "c.png").exists()

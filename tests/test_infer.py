@@ -1,5 +1,6 @@
 """Inference: sliding-window mask on the original NCT grid, centre-patch probability, Grad-CAM."""
 
+import matplotlib.pyplot as plt
 import nibabel as nib
 import numpy as np
 import pandas as pd
@@ -108,6 +109,8 @@ def test_infer_writes_contract_and_masks_on_original_grid(study):
         np.testing.assert_allclose(mask.affine, study["affine"], atol=1e-5)
         cam = nib.load(out.parent / row["cam"]).get_fdata()
         assert cam.shape == study["shape"] and 0.0 <= cam.min() and cam.max() <= 1.0 + 1e-6
+        png = plt.imread(out.parent / row["cam_png"])
+        assert row["cam_png"] == f"test/{row.patient_id}_cam.png" and png.shape[0] > 300 and png.ndim == 3
         assert (out.parent / row["image"]).resolve() == (
             study["nifti"] / row.patient_id / "nct.nii.gz"
         ).resolve()

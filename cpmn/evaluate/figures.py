@@ -236,3 +236,57 @@ def fig2b_case(
         paths = _save(fig, Path(out_dir), "fig2b_case")
         plt.close(fig)
     return {"patient_id": pid, "slice": z, "window": [lo, hi], "paths": [str(p) for p in paths]}
+
+
+def cam_overview(
+    image: np.ndarray,
+    cam: np.ndarray,
+    spacing: tuple[float, float, float] | np.ndarray,
+    out: str | Path,
+    title: str,
+    mask: np.ndarray | None = None,
+    ref: np.ndarray | None = None,
+) -> int:
+    """One PNG per CAM (written by ``cpmn infer`` next to the CAM NIfTI): the axial slice with the most
+    reference voxels (the slice of the CAM maximum when there is no reference) of ``image`` (``(X, Y, Z)``
+    in canonical RAS voxel order, window-normalised to [0, 1]) with the CAM overlaid (jet), the predicted
+    ``mask`` contour (red) and the reference ``ref`` contour (green). ``spacing`` (mm) scales the axes;
+    radiological convention as in Fig. 2b. Returns the slice index ``z``.
+    """
+    if cam.shape != image.shape:
+        raise ValueError(f"cam shape {cam.shape} differs from image shape {image.shape}")
+    if ref is not None and np.any(ref > 0.5):
+        z = int(np.argmax((ref > 0.5).sum(axis=(0, 1))))
+    else:
+        z = int(np.unravel_index(int(np.argmax(cam)), cam.shape)[2])
+    sx, sy = float(spacing[0]), float(spacing[1])
+    nx, ny = image.shape[:2]
+    extent = (-0.5 * sx, (nx - 0.5) * sx, -0.5 * sy, (ny - 0.5) * sy)
+    xs, ys = np.arange(nx) * sx, np.arange(ny) * sy
+    plt = _plt()
+    with plt.rc_context(FONT):
+        fig, ax = plt.subplots(figsize=(3.6, 3.4), constrained_layout=True)
+        ax.imshow(image[:, :, z].T, cmap="gray", vmin=0.0, vmax=1.0, origin="lower", extent=extent)
+        im = ax.imshow(
+            cam[:, :, z].T,
+            cmap="jet",
+            alpha=0.45,
+            origin="lower",
+            extent=extent,
+            interpolation="bilinear",
+            vmin=float(cam.min()),
+            vmax=float(cam.max()) or 1.0,
+        )
+        fig.colorbar(im, ax=ax, fraction=0.046, pad=0.02).set_label("CAM (a.u.)")
+        for arr, colour in ((mask, "red"), (ref, "lime")):
+            if arr is not None and np.any(arr[:, :, z] > 0.5):
+                ax.contour(xs, ys, (arr[:, :, z] > 0.5).T.astype(float), levels=[0.5], colors=colour)
+        ax.set_xlim(extent[1], extent[0])  # radiological: patient right on the left
+        ax.set_ylim(extent[2], extent[3])
+        ax.set_xlabel("x (mm)")
+        ax.set_ylabel("y (mm)")
+        ax.set_title(f"{title}\naxial z = {z}; mask red, reference green", fontsize=8)
+        with atomic_path(out) as tmp:
+            fig.savefig(tmp, dpi=150, format="png")
+        plt.close(fig)
+    return z
