@@ -107,37 +107,35 @@ def _case_register_truncated_ctpa(tmp_path):
     return args, "Q7", paths["ctpa"], "cannot read CTPA NIfTI", out
 
 
-def _case_patches_truncated(tmp_path):
+def _patches_case(tmp_path, reason, cut=None, **arrays):
+    """``cpmn patches`` on a hand-made preprocessed file R2.npz holding ``arrays`` (cut to ``cut`` bytes)."""
     src = tmp_path / "R2.npz"
-    np.savez(src, nct=np.zeros((40, 40, 40), np.float32), mask=np.zeros((40, 40, 40), np.uint8), label=0)
-    src.write_bytes(src.read_bytes()[:100])
+    np.savez(src, **arrays)
+    if cut is not None:
+        src.write_bytes(src.read_bytes()[:cut])
     out = tmp_path / "bank" / "R2.npz"
-    args = ["patches", "--preprocessed", str(src), "--out", str(out)]
-    return args, "R2", src, "cannot read npz", out
+    return ["patches", "--preprocessed", str(src), "--out", str(out)], "R2", src, reason, out
+
+
+VOL = np.zeros((40, 40, 40), np.float32)
+
+
+def _case_patches_truncated(tmp_path):
+    return _patches_case(tmp_path, "cannot read npz", cut=100, nct=VOL, mask=VOL.astype(np.uint8), label=0)
 
 
 def _case_patches_no_mask(tmp_path):
-    src = tmp_path / "R2.npz"
-    np.savez(src, nct=np.zeros((40, 40, 40), np.float32), label=0)
-    out = tmp_path / "bank" / "R2.npz"
-    args = ["patches", "--preprocessed", str(src), "--out", str(out)]
-    return args, "R2", src, r"missing arrays \['mask'\]", out
+    return _patches_case(tmp_path, r"missing arrays \['mask'\]", nct=VOL, label=0)
 
 
 def _case_patches_empty_mask_on_pe(tmp_path):
-    src = tmp_path / "R2.npz"
-    np.savez(src, nct=np.zeros((40, 40, 40), np.float32), mask=np.zeros((40, 40, 40), np.uint8), label=1)
-    out = tmp_path / "bank" / "R2.npz"
-    args = ["patches", "--preprocessed", str(src), "--out", str(out)]
-    return args, "R2", src, r"label is 1 \(PE\) but the embolus mask is empty", out
+    reason = r"label is 1 \(PE\) but the embolus mask is empty"
+    return _patches_case(tmp_path, reason, nct=VOL, mask=VOL.astype(np.uint8), label=1)
 
 
 def _case_patches_shape_mismatch(tmp_path):
-    src = tmp_path / "R2.npz"
-    np.savez(src, nct=np.zeros((40, 40, 40), np.float32), mask=np.ones((40, 40, 36), np.uint8), label=1)
-    out = tmp_path / "bank" / "R2.npz"
-    args = ["patches", "--preprocessed", str(src), "--out", str(out)]
-    return args, "R2", src, r"mask shape \(40, 40, 36\) differs from nct \(40, 40, 40\)", out
+    reason = r"mask shape \(40, 40, 36\) differs from nct \(40, 40, 40\)"
+    return _patches_case(tmp_path, reason, nct=VOL, mask=np.ones((40, 40, 36), np.uint8), label=1)
 
 
 def _sheet(tmp_path, edit):

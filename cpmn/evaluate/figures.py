@@ -106,6 +106,22 @@ def _canonical(path: Path, patient: str):
         raise InputError(patient, path, f"cannot read NIfTI: {err}") from err
 
 
+def _cam_overlay(fig, ax, cam: np.ndarray, z: int, extent: tuple[float, ...]) -> None:
+    """Slice ``z`` of the CAM in jet over what ``ax`` shows, scaled to the whole volume's range, with a
+    colour bar."""
+    im = ax.imshow(
+        cam[:, :, z].T,
+        cmap="jet",
+        alpha=0.45,
+        origin="lower",
+        extent=extent,
+        interpolation="bilinear",
+        vmin=float(cam.min()),
+        vmax=float(cam.max()) or 1.0,
+    )
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.02).set_label("CAM (a.u.)")
+
+
 def choose_case(ev: VariantEval, case: str = "auto") -> tuple[str, int] | None:
     """The Fig. 2b case: ``(patient_id, row in ev.test)``; ``auto`` = the test PE patient with the largest
     reference embolus volume (mm^3) that has an image; ``None`` when there is none."""
@@ -193,19 +209,7 @@ def fig2b_case(
                     ov, cmap="autumn", alpha=0.6, origin="lower", extent=extent, interpolation="nearest"
                 )
             if k == 2 and cam is not None:
-                c = cam[:, :, z].T
-                im = ax.imshow(
-                    c,
-                    cmap="jet",
-                    alpha=0.45,
-                    origin="lower",
-                    extent=extent,
-                    interpolation="bilinear",
-                    vmin=float(cam.min()),
-                    vmax=float(cam.max()) or 1.0,
-                )
-                cb = fig.colorbar(im, ax=ax, fraction=0.046, pad=0.02)
-                cb.set_label("CAM (a.u.)")
+                _cam_overlay(fig, ax, cam, z, extent)
             if (k == 1 and pred is None) or (k == 2 and cam is None):
                 ax.text(0.5, 0.5, "not available", transform=ax.transAxes, ha="center", color="w")
             if ref[:, :, z].any():
@@ -267,17 +271,7 @@ def cam_overview(
     with plt.rc_context(FONT):
         fig, ax = plt.subplots(figsize=(3.6, 3.4), constrained_layout=True)
         ax.imshow(image[:, :, z].T, cmap="gray", vmin=0.0, vmax=1.0, origin="lower", extent=extent)
-        im = ax.imshow(
-            cam[:, :, z].T,
-            cmap="jet",
-            alpha=0.45,
-            origin="lower",
-            extent=extent,
-            interpolation="bilinear",
-            vmin=float(cam.min()),
-            vmax=float(cam.max()) or 1.0,
-        )
-        fig.colorbar(im, ax=ax, fraction=0.046, pad=0.02).set_label("CAM (a.u.)")
+        _cam_overlay(fig, ax, cam, z, extent)
         for arr, colour in ((mask, "red"), (ref, "lime")):
             if arr is not None and np.any(arr[:, :, z] > 0.5):
                 ax.contour(xs, ys, (arr[:, :, z] > 0.5).T.astype(float), levels=[0.5], colors=colour)
