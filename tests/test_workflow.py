@@ -106,7 +106,14 @@ def test_tiny_study_end_to_end(tmp_path):
     # --report and used to print "coroutine ... was never awaited" once per job
     assert "Warning" not in r.stdout + r.stderr, (r.stdout + r.stderr)[-3000:]
     html = report.read_text(errors="replace")
-    for item in ("table1_ablation", "fig2a_roc", "registration.tsv", "train_log.tsv", "montage.png"):
+    for item in (
+        "table1_ablation",
+        "fig2a_roc",
+        "registration.tsv",
+        "train_log.tsv",
+        "montage.png",
+        "_cam.png",
+    ):
         assert item in html, item
     shutil.rmtree(results / "synthetic" / "dicom", ignore_errors=True)
 

@@ -8,7 +8,18 @@ rule infer:
         preprocessed=preprocessed_files,
     output:
         tsv=f"{RES}/predictions/{{variant}}/{{split}}.tsv",
-        masks=directory(f"{RES}/predictions/{{variant}}/{{split}}"),
+        masks=report(
+            directory(f"{RES}/predictions/{{variant}}/{{split}}"),
+            patterns=["{patient}_cam.png"],
+            caption="../report/cam.rst",
+            category="Grad-CAM",
+            subcategory="{variant} ({split})",
+            labels={
+                "variant": "{variant}",
+                "split": "{split}",
+                "patient": "{patient}",
+            },
+        ),
     log:
         f"{RES}/logs/infer/{{variant}}_{{split}}.log",
     benchmark:
