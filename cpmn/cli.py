@@ -57,6 +57,8 @@ def main(argv: list[str] | None = None) -> int:
         return int(module.run(args) or 0)
     except InputError as err:  # e.g. a config key that breaks the schema, raised before a stage's own try
         return report(err)
+    except OSError as err:  # an output folder that cannot be made or written, a disk that is full
+        return report(InputError(None, err.filename, err.strerror or str(err)))
 
 
 if __name__ == "__main__":

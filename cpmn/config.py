@@ -107,9 +107,22 @@ def resolve(args: argparse.Namespace, section: str | None = None) -> dict[str, A
     section already); without it, the whole merged config.
 
     Raises:
-        InputError: ``--params`` is not a JSON object, or a key or value breaks the schema.
+        InputError: a ``--config`` file cannot be read or is not a YAML mapping, ``--params`` is not a
+            JSON object, or a key or value breaks the schema.
     """
-    cfg = load_config(*args.config) if args.config else {}
+    cfg: dict[str, Any] = {}
+    for path in args.config:
+        try:
+            cfg = deep_merge(cfg, load_yaml(path))
+        except (OSError, UnicodeDecodeError, yaml.YAMLError, ValueError) as err:
+            why = str(err).splitlines()[0] if str(err) else type(err).__name__
+            if isinstance(err, OSError):
+                why = err.strerror or why
+            elif isinstance(err, yaml.MarkedYAMLError) and err.problem_mark is not None:
+                why = f"{err.problem} at line {err.problem_mark.line + 1}"
+            elif isinstance(err, ValueError):
+                why = why.removeprefix(f"{path}: ")
+            raise InputError(None, path, f"cannot read config ({type(err).__name__}: {why})") from err
     if section is not None:
         cfg = cfg.get(section) or {}
     source = " + ".join([*args.config, *(["--params"] if args.params else [])]) or "defaults"

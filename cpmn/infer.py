@@ -253,6 +253,13 @@ def infer_split(
     from cpmn.variants import load_for_inference, variant_score
 
     p = {**DEFAULTS, **(params or {})}
+    if ref_template:
+        try:
+            ref_template.format(patient="P")
+        except (KeyError, IndexError, ValueError) as err:
+            raise InputError(None, ref_template, f"--ref-template: bad placeholder ({err!r})") from err
+        if "{patient}" not in ref_template:
+            raise InputError(None, ref_template, "--ref-template must contain {patient}")
     patch = tuple(int(v) for v in patch_size)
     out_tsv = Path(out_tsv)
     out_dir = out_tsv.parent
@@ -334,7 +341,10 @@ def infer_split(
                 )
                 row["cam_png"] = f"{split}/{pid}_cam.png"
             if nifti_dir is not None:
-                row["image"] = os.path.relpath(Path(nifti_dir) / pid / "nct.nii.gz", out_dir)
+                image = Path(nifti_dir) / pid / "nct.nii.gz"
+                if not image.is_file():
+                    raise InputError(pid, image, "NCT NIfTI not found (--nifti-dir)")
+                row["image"] = os.path.relpath(image, out_dir)
             if ref_template:
                 ref = Path(ref_template.format(patient=pid))
                 if ref.exists():

@@ -76,12 +76,21 @@ def read_splits(path: str | Path) -> dict[str, list[str]]:
     if not path.is_file():
         raise InputError(None, path, "splits file not found")
     out: dict[str, list[str]] = {"train": [], "val": [], "test": []}
-    with open(path, newline="") as fh:
-        reader = csv.DictReader(fh, delimiter="\t")
-        if not reader.fieldnames or not {"patient_id", "split"} <= set(reader.fieldnames):
-            raise InputError(None, path, "splits TSV needs columns patient_id and split")
-        for row in reader:
-            out.setdefault(row["split"], []).append(row["patient_id"])
+    try:
+        with open(path, newline="", encoding="utf-8") as fh:
+            reader = csv.DictReader(fh, delimiter="\t")
+            if not reader.fieldnames or not {"patient_id", "split"} <= set(reader.fieldnames):
+                raise InputError(None, path, "splits TSV needs columns patient_id and split")
+            for i, row in enumerate(reader):
+                if row["split"] not in out:  # a renamed split would silently lose its patients
+                    raise InputError(
+                        row["patient_id"],
+                        path,
+                        f"row {i + 1}: split {row['split']!r} is not train, val or test",
+                    )
+                out[row["split"]].append(row["patient_id"])
+    except UnicodeDecodeError as err:
+        raise InputError(None, path, f"not UTF-8 text ({err.reason} at byte {err.start})") from err
     return out
 
 
@@ -274,7 +283,13 @@ def train_variant(
     start_epoch, step, best_auc, rows = 0, 0, float("nan"), []
     last_path, model_path, log_path = out_dir / "last.pt", out_dir / "model.pt", out_dir / "train_log.tsv"
     if resume and last_path.is_file():
-        ckpt = torch.load(last_path, map_location=device, weights_only=False)
+        try:
+            ckpt = torch.load(last_path, map_location=device, weights_only=False)
+            if not isinstance(ckpt, dict):
+                raise TypeError(f"holds a {type(ckpt).__name__}, not a checkpoint")
+        except Exception as err:  # a truncated or foreign file: torch raises assorted types
+            print(f"WARNING {last_path}: cannot resume ({type(err).__name__}); training from scratch")
+            ckpt = {}
         if ckpt.get("fingerprint") == fingerprint:
             model.load_state_dict(ckpt["model"])
             opt.load_state_dict(ckpt["optimizer"])
@@ -282,7 +297,7 @@ def train_variant(
             _set_rng_state(ckpt["rng"])
             start_epoch, step = int(ckpt["epoch"]), int(ckpt["step"])
             best_auc, rows = float(ckpt["best_val_auc"]), list(ckpt["log"])
-        else:
+        elif ckpt:
             print(f"{last_path}: settings changed since this checkpoint; training from scratch")
 
     meta = {"variant_name": variant, "variant": entry, "model_cfg": model_cfg, "patch_size": patch_size}

@@ -169,6 +169,52 @@ def _case_split_empty(tmp_path):
     return args, "?", sheet, "no patients to split", out
 
 
+def _case_split_not_utf8(tmp_path):
+    args, sheet, out = _sheet(tmp_path, lambda d: d)
+    sheet.write_bytes(sheet.read_bytes().replace(b"S03", b"S\xe93", 1))
+    return args, "?", sheet, r"not UTF-8 text \(invalid continuation byte at byte \d+\)", out
+
+
+def _case_split_bad_yaml_config(tmp_path):
+    args, sheet, out = _sheet(tmp_path, lambda d: d)
+    cfg = tmp_path / "mine.yaml"
+    cfg.write_text("split:\n  seed: 1\n val_fraction: 0.3\n")  # one space short
+    reason = r"cannot read config \(ParserError: expected <block end>, .* at line 3\)"
+    return [*args, "--config", str(cfg)], "?", cfg, reason, out
+
+
+def _case_split_missing_config(tmp_path):
+    args, sheet, out = _sheet(tmp_path, lambda d: d)
+    cfg = tmp_path / "nope.yaml"
+    return [*args, "--config", str(cfg)], "?", cfg, r"cannot read config \(FileNotFoundError", out
+
+
+def _case_preprocess_nan_voxels(tmp_path):
+    paths = _volumes(tmp_path)
+    nct = nib.load(paths["nct"]).get_fdata()
+    nct[5:7, 5:7, 5:7] = np.nan
+    _nifti(paths["nct"], nct)
+    out = tmp_path / "Q7.npz"
+    return _preprocess_args(paths, out), "Q7", paths["nct"], r"NCT has 8 non-finite \(NaN or infinite\)", out
+
+
+def _case_register_constant_ctpa(tmp_path):
+    paths = _volumes(tmp_path, shape=(40, 40, 30))
+    _nifti(paths["ctpa"], np.full((40, 40, 30), -1000.0))
+    out = tmp_path / "reg"
+    args = ["register", "--patient", "Q7", "--nct", str(paths["nct"]), "--ctpa", str(paths["ctpa"])]
+    args += ["--mask", str(paths["mask"]), "--out-dir", str(out)]
+    return args, "Q7", paths["ctpa"], r"CTPA image is constant \(-1000\): nothing to register", out
+
+
+def _case_patches_output_under_a_file(tmp_path):
+    args, pid, src, _, _ = _patches_case(tmp_path, "", nct=VOL, mask=VOL.astype(np.uint8), label=0)
+    (tmp_path / "afile").write_text("x")
+    out = tmp_path / "afile" / "R2.npz"
+    args[-1] = str(out)
+    return args, "?", tmp_path / "afile", "File exists", out
+
+
 CASES = {
     "preprocess: missing NIfTI": _case_preprocess_missing_nifti,
     "preprocess: 4-D image": _case_preprocess_4d,
@@ -184,6 +230,12 @@ CASES = {
     "split: bad label": _case_split_bad_label,
     "split: duplicate patient": _case_split_duplicate,
     "split: empty cohort": _case_split_empty,
+    "split: sheet not UTF-8": _case_split_not_utf8,
+    "split: bad YAML config": _case_split_bad_yaml_config,
+    "split: missing config": _case_split_missing_config,
+    "preprocess: NaN voxels": _case_preprocess_nan_voxels,
+    "register: constant CTPA": _case_register_constant_ctpa,
+    "patches: output under a file": _case_patches_output_under_a_file,
 }
 
 

@@ -496,3 +496,11 @@ def test_cam_overview_shows_the_reference_slice_else_the_cam_maximum(tmp_path):
     with pytest.raises(ValueError, match="cam shape"):
         cam_overview(image, cam[:, :, :4], (2.0, 2.0, 3.0), tmp_path / "c.png", "C")
     assert not (tmp_path / "c.png").exists()
+
+
+def test_a_truncated_mask_is_one_error_naming_patient_and_file(tmp_path):
+    nib.save(nib.Nifti1Image(np.ones((30, 30, 30), np.uint8), AFFINE), tmp_path / "m.nii.gz")
+    data = (tmp_path / "m.nii.gz").read_bytes()
+    (tmp_path / "m.nii.gz").write_bytes(data[: len(data) // 2])
+    with pytest.raises(InputError, match=r"^patient T3: .*m.nii.gz: cannot read mask NIfTI \(EOFError"):
+        M.load_mask(tmp_path / "m.nii.gz", "T3")

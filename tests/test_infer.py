@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from cpmn.data.preprocess import preprocess_patient
+from cpmn.errors import InputError
 from cpmn.infer import (
     ClassifierLogit,
     cam_target_layer,
@@ -410,3 +411,24 @@ def test_cam_is_zero_outside_the_stored_grid_and_not_everywhere_inside(study):
         assert outside.any() and (~outside).any()
         assert np.all(values[outside] == 0)
         assert values[~outside].max() > 0
+
+
+@pytest.mark.parametrize(
+    ("template", "reason"),
+    [
+        ("{pid}/mask.nii.gz", r"--ref-template: bad placeholder \(KeyError\('pid'\)\)"),
+        ("A1/mask.nii.gz", r"--ref-template must contain \{patient\}"),  # every patient the same file
+    ],
+)
+def test_a_bad_ref_template_is_refused_before_any_patient(study, template, reason):
+    out = study["tmp"] / "rt" / "test.tsv"
+    with pytest.raises(InputError, match=reason):
+        _infer_test(study, out, {}, ref_template=str(study["nifti"] / template))
+    assert not out.parent.exists()
+
+
+def test_a_missing_image_under_nifti_dir_names_the_patient(study):
+    out = study["tmp"] / "nd" / "test.tsv"
+    with pytest.raises(InputError, match=r"patient A1: .*nope/A1/nct.nii.gz: NCT NIfTI not found"):
+        _infer_test(study, out, {}, nifti_dir=study["tmp"] / "nope")
+    assert not out.exists() and not list(out.parent.rglob("*"))

@@ -275,6 +275,28 @@ def test_missing_input_names_patient_and_file(cohort, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_a_renamed_split_is_an_error_not_an_empty_validation(tmp_path):
+    splits = tmp_path / "splits.tsv"
+    splits.write_text("patient_id\tsplit\np0\ttrain\np1\tvalidation\n")
+    with pytest.raises(InputError, match=r"patient p1: .*splits.tsv: row 2: split 'validation' is not train"):
+        train_mod.read_splits(splits)
+    splits.write_bytes(b"patient_id\tsplit\np\xe90\ttrain\n")  # Latin-1, e.g. saved from a spreadsheet
+    with pytest.raises(
+        InputError, match=r"splits.tsv: not UTF-8 text \(invalid continuation byte at byte 18\)"
+    ):
+        train_mod.read_splits(splits)
+
+
+def test_a_corrupt_last_pt_is_a_fresh_start_not_a_crash(cohort, tmp_path, capsys):
+    cfg = _config()
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "last.pt").write_bytes(b"PK\x03\x04 cut short")
+    res = _run(cohort, tmp_path / "m", cfg)
+    assert res["status"] == "done" and res["step"] == 4
+    assert f"WARNING {tmp_path / 'm' / 'last.pt'}: cannot resume" in capsys.readouterr().out
+    assert torch.load(tmp_path / "m" / "last.pt", weights_only=False)["step"] == 4
+
+
 def test_cli_reports_bad_input(cohort, tmp_path, capsys):
     from cpmn.cli import main
 

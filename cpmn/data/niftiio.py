@@ -18,7 +18,8 @@ def load_nifti(path: str | os.PathLike, patient_id: str, what: str) -> nib.Nifti
     the rest of the volume), so a file written only in part would otherwise flow on as a plausible image.
 
     Raises:
-        InputError: the file is missing, unreadable or truncated, or not 3-D; ``what`` names the role
+        InputError: the file is missing, unreadable or truncated, not 3-D, or holds NaN or infinite
+            voxels (they would pass resampling and turn a training loss into NaN); ``what`` names the role
             (``NCT``, ``CTPA``, ``mask``) in the message.
     """
     p = Path(path)
@@ -26,11 +27,14 @@ def load_nifti(path: str | os.PathLike, patient_id: str, what: str) -> nib.Nifti
         raise InputError(patient_id, p, f"{what} file does not exist")
     try:
         img = nib.load(str(p))
-        img.get_fdata(dtype=np.float32)
+        data = img.get_fdata(dtype=np.float32)  # cached: img.get_fdata(dtype=np.float32) reuses it
     except Exception as exc:  # noqa: BLE001 - nibabel raises assorted types for broken files
         raise InputError(
             patient_id, p, f"cannot read {what} NIfTI ({exc.__class__.__name__}: {exc})"
         ) from exc
     if img.ndim != 3:
         raise InputError(patient_id, p, f"{what} must be a 3D image, got shape {img.shape}")
+    bad = int(np.count_nonzero(~np.isfinite(data)))
+    if bad:
+        raise InputError(patient_id, p, f"{what} has {bad} non-finite (NaN or infinite) voxels")
     return img

@@ -40,7 +40,7 @@ def collect_qc(paths: Iterable[str | os.PathLike], out: str | os.PathLike) -> pd
         path = Path(path)
         try:
             row = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as exc:
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise InputError(None, path, f"cannot read QC JSON ({exc})") from exc
         if not isinstance(row, dict) or "patient_id" not in row:
             raise InputError(None, path, "QC JSON has no patient_id")

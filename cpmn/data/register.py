@@ -204,6 +204,10 @@ def register_patient(
     out_dir = Path(out_dir)
     fixed = _read(nct, patient_id, "NCT")
     moving = _read(ctpa, patient_id, "CTPA")
+    for img, path, what in ((fixed, nct, "NCT"), (moving, ctpa, "CTPA")):
+        lo, hi = float(img.min()), float(img.max())
+        if hi - lo < 1.0:  # ANTs would fail after pages of ITK numerical warnings
+            raise InputError(patient_id, path, f"{what} image is constant ({lo:g}): nothing to register")
     if mask is not None:
         mask_img = _read(mask, patient_id, "mask")
         if not _same_grid(mask_img, moving):

@@ -121,10 +121,14 @@ def _validate(split_df: pd.DataFrame, source: str, test_year: int) -> None:
 def split_sheet(sheet: str | Path, out: str | Path, params: dict[str, Any] | None = None) -> pd.DataFrame:
     """Read the cohort sheet (TSV), split it, write ``out`` (TSV) and print the counts per split."""
     sheet = Path(sheet)
+    from cpmn.data.screen import read_sheet  # the reader screening uses: text cells, "NA" stays an id
+
     try:
-        df = pd.read_csv(sheet, sep="\t", dtype={"patient_id": str}, comment=None)
+        df = read_sheet(sheet)
     except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
         raise InputError(None, sheet, f"cannot read cohort sheet ({exc})") from exc
+    except UnicodeDecodeError as exc:
+        raise InputError(None, sheet, f"not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
     result = temporal_split(df, params, source=str(sheet))
     with atomic_path(out) as tmp:
         result.to_csv(tmp, sep="\t", index=False)

@@ -96,14 +96,13 @@ def fig2a_roc(
     return paths
 
 
-def _canonical(path: Path, patient: str):
+def _canonical(path: Path, patient: str, what: str):
     import nibabel as nib
 
-    try:
-        img = nib.as_closest_canonical(nib.load(str(path)))
-        return np.asarray(img.dataobj, dtype=np.float32), np.asarray(img.header.get_zooms()[:3], dtype=float)
-    except (FileNotFoundError, OSError, nib.filebasedimages.ImageFileError) as err:
-        raise InputError(patient, path, f"cannot read NIfTI: {err}") from err
+    from cpmn.data.niftiio import load_nifti
+
+    img = nib.as_closest_canonical(load_nifti(path, patient, what))
+    return np.asarray(img.dataobj, dtype=np.float32), np.asarray(img.header.get_zooms()[:3], dtype=float)
 
 
 def _cam_overlay(fig, ax, cam: np.ndarray, z: int, extent: tuple[float, ...]) -> None:
@@ -141,7 +140,7 @@ def choose_case(ev: VariantEval, case: str = "auto") -> tuple[str, int] | None:
         if rp is None or ip is None:
             continue
         pid = str(t.patient_id[i])
-        ref, zooms = _canonical(rp, pid)
+        ref, zooms = _canonical(rp, pid, "reference mask")
         vol = float((ref > 0.5).sum() * np.prod(zooms))
         if vol > 0 and (best is None or vol > best[0]):
             best = (vol, pid, int(i))
@@ -168,11 +167,11 @@ def fig2b_case(
     ip, rp = t.path_of("image", i), t.path_of("ref_mask", i)
     if ip is None or rp is None:
         raise InputError(pid, t.path, "Fig. 2b needs the image and ref_mask columns for this case")
-    img, zooms = _canonical(ip, pid)
-    ref = _canonical(rp, pid)[0] > 0.5
+    img, zooms = _canonical(ip, pid, "image")
+    ref = _canonical(rp, pid, "reference mask")[0] > 0.5
     mp, cp = t.path_of("mask", i), t.path_of("cam", i)
-    pred = _canonical(mp, pid)[0] > 0.5 if mp is not None else None
-    cam = _canonical(cp, pid)[0] if cp is not None else None
+    pred = _canonical(mp, pid, "mask")[0] > 0.5 if mp is not None else None
+    cam = _canonical(cp, pid, "CAM")[0] if cp is not None else None
     for name, arr in (("ref_mask", ref), ("mask", pred), ("cam", cam)):
         if arr is not None and arr.shape != img.shape:
             raise InputError(pid, t.path, f"{name} shape {arr.shape} differs from image shape {img.shape}")

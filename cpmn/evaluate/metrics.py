@@ -68,12 +68,14 @@ def _read_tsv(path: Path) -> tuple[list[str], list[dict[str, str]]]:
     import csv
 
     try:
-        with open(path, newline="") as fh:
+        with open(path, newline="", encoding="utf-8") as fh:
             reader = csv.DictReader(fh, delimiter="\t")
             rows = list(reader)
             header = list(reader.fieldnames or [])
     except OSError as err:
         raise InputError(None, path, f"cannot read: {err.strerror or err}") from err
+    except UnicodeDecodeError as err:
+        raise InputError(None, path, f"not UTF-8 text ({err.reason} at byte {err.start})") from err
     return header, rows
 
 
@@ -222,13 +224,9 @@ def dice(pred: np.ndarray, ref: np.ndarray) -> float:
 
 def load_mask(path: Path, patient: str) -> np.ndarray:
     """A NIfTI mask as bool ``(X, Y, Z)`` (``> 0.5``); a missing or unreadable file is an InputError."""
-    import nibabel as nib
+    from cpmn.data.niftiio import load_nifti
 
-    try:
-        img = nib.load(str(path))
-        return np.asarray(img.dataobj) > 0.5
-    except (FileNotFoundError, OSError, nib.filebasedimages.ImageFileError) as err:
-        raise InputError(patient, path, f"cannot read mask: {err}") from err
+    return load_nifti(path, patient, "mask").get_fdata(dtype=np.float32) > 0.5
 
 
 # --------------------------------------------------------------------------------------------------
