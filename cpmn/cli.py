@@ -58,7 +58,10 @@ def main(argv: list[str] | None = None) -> int:
     except InputError as err:  # e.g. a config key that breaks the schema, raised before a stage's own try
         return report(err)
     except OSError as err:  # an output folder that cannot be made or written, a disk that is full
-        return report(InputError(None, err.filename, err.strerror or str(err)))
+        if err.filename is None:  # no file to name: let the traceback say where it came from
+            raise
+        where = f" (-> {err.filename2})" if err.filename2 else ""
+        return report(InputError(None, err.filename, f"{err.strerror or err}{where}"))
 
 
 if __name__ == "__main__":

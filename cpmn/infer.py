@@ -278,8 +278,15 @@ def infer_split(
     write_cams = split in p["cam_splits"]
     # masks and CAMs go to a staging folder that replaces ``{split}/`` only once every patient is done:
     # a failure on one patient leaves no files of the patients before it
+    _check_replaceable(masks_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    for stale in out_dir.glob(f".{split}.tmp*"):  # left by a run that was killed
+        shutil.rmtree(stale, ignore_errors=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{split}.tmp", dir=out_dir))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(staging, 0o777 & ~umask)  # mkdtemp's 0700 would hide the masks from the rest of a group
+    old = out_dir / f".{split}.old{os.getpid()}"
     try:
         rows = []
         # disable=None: the bar draws only on a terminal, not into a rule's log file
@@ -354,11 +361,32 @@ def infer_split(
         with atomic_path(out_tsv) as tmp:
             df.to_csv(tmp, sep="\t", index=False, float_format="%.6g")
             if masks_dir.exists():
-                shutil.rmtree(masks_dir)
+                os.replace(masks_dir, old)  # set aside, removed once the new table is in place
             os.replace(staging, masks_dir)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
     return df
+
+
+#: what ``infer`` writes into ``{split}/``; a folder holding anything else is not replaced
+_OURS = ("*_mask.nii.gz", "*_cam.nii.gz", "*_cam.png", ".snakemake_timestamp")
+
+
+def _check_replaceable(masks_dir: Path) -> None:
+    """Refuse to replace a ``{split}/`` folder that holds files ``infer`` did not write (``--out`` pointed
+    next to an unrelated folder of the same name)."""
+    if not masks_dir.exists():
+        return
+    if not masks_dir.is_dir():
+        raise InputError(None, masks_dir, "is a file; infer writes its masks and CAMs into a folder here")
+    foreign = [f.name for f in masks_dir.iterdir() if not any(f.match(pat) for pat in _OURS)]
+    if foreign:
+        raise InputError(
+            None,
+            masks_dir,
+            f"holds files infer did not write ({', '.join(sorted(foreign)[:3])}); refusing to replace it",
+        )
 
 
 def _write_nifti(array: np.ndarray, affine: np.ndarray, path: Path, split: str) -> str:

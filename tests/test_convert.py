@@ -33,15 +33,15 @@ def _canon(img: nib.Nifti1Image) -> tuple[np.ndarray, np.ndarray]:
     return c.affine, np.asarray(c.dataobj)
 
 
-def _write_text_sr(path: Path) -> None:
+def _write_non_image(path: Path, sop_class: str) -> None:
     meta = pydicom.dataset.FileMetaDataset()
-    meta.MediaStorageSOPClassUID = pydicom.uid.BasicTextSRStorage
+    meta.MediaStorageSOPClassUID = sop_class
     meta.MediaStorageSOPInstanceUID = pydicom.uid.generate_uid()
     meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian
     ds = pydicom.dataset.FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
     ds.SOPClassUID = meta.MediaStorageSOPClassUID
     ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
-    ds.Modality = "SR"
+    ds.Modality = "SR" if sop_class == pydicom.uid.BasicTextSRStorage else "OT"
     ds.save_as(path, enforce_file_format=True)
 
 
@@ -51,7 +51,9 @@ def test_picks_by_rule_and_preference(tmp_path):
     # a second CTPA reconstruction, thicker slices: rule matches both, preference keeps the thin one
     write_phase(src, "P1", blood_hu=CTPA_HU, description="CTPA 5.0 mm", series_number=4, slice_thickness=7.5)
     (src / "README.txt").write_text("export notes\n")
-    _write_text_sr(src / "SR_0001.dcm")  # a report object in the export: ignored, not an error
+    # a report and a vendor's private non-image object (Siemens CSA) in the export: ignored, not errors
+    _write_non_image(src / "SR_0001.dcm", pydicom.uid.BasicTextSRStorage)
+    _write_non_image(src / "CSA_0001.dcm", "1.3.12.2.1107.5.9.1")
     qc = convert_patient([src], tmp_path / "out", "P1")
     out = tmp_path / "out"
     assert sorted(x.name for x in out.iterdir()) == [
@@ -69,7 +71,11 @@ def test_picks_by_rule_and_preference(tmp_path):
     assert (
         by_num[2]["blood_pool_hu"] == pytest.approx(NCT_HU, abs=1) and by_num[3]["blood_pool_hu"] == CTPA_HU
     )
-    assert qc["ignored_files"] == [
+    assert sorted(qc["ignored_files"], key=lambda f: f["file"]) == [
+        {
+            "file": str(src / "CSA_0001.dcm"),
+            "reason": "DICOM object without image (SOP class 1.3.12.2.1107.5.9.1)",
+        },
         {"file": str(src / "README.txt"), "reason": "documentation / non-image file by name"},
         {"file": str(src / "SR_0001.dcm"), "reason": "DICOM object without image (Basic Text SR Storage)"},
     ]

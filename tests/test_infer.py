@@ -1,5 +1,7 @@
 """Inference: sliding-window mask on the original NCT grid, centre-patch probability, Grad-CAM."""
 
+import os
+
 import matplotlib.pyplot as plt
 import nibabel as nib
 import numpy as np
@@ -432,3 +434,27 @@ def test_a_missing_image_under_nifti_dir_names_the_patient(study):
     with pytest.raises(InputError, match=r"patient A1: .*nope/A1/nct.nii.gz: NCT NIfTI not found"):
         _infer_test(study, out, {}, nifti_dir=study["tmp"] / "nope")
     assert not out.exists() and not list(out.parent.rglob("*"))
+
+
+def test_the_split_folder_is_replaced_only_when_infer_wrote_it(study):
+    out = study["tmp"] / "own" / "test.tsv"
+    masks = out.parent / "test"
+    masks.mkdir(parents=True)
+    (masks / "Z9_mask.nii.gz").write_bytes(b"from an earlier run")
+    (out.parent / ".test.tmpabcd").mkdir()  # staging left by a killed run
+    _infer_test(study, out, {})
+    assert sorted(f.name for f in masks.iterdir()) == [
+        "A1_cam.nii.gz",
+        "A1_cam.png",
+        "A1_mask.nii.gz",
+        "B2_mask.nii.gz",
+    ]
+    assert sorted(f.name for f in out.parent.iterdir()) == ["test", "test.tsv"]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert masks.stat().st_mode & 0o777 == 0o777 & ~umask  # not mkdtemp's 0700
+    # a folder of the same name holding anything else is left alone
+    (masks / "notes.txt").write_text("mine")
+    with pytest.raises(InputError, match=r"test: holds files infer did not write \(notes.txt\); refusing"):
+        _infer_test(study, out, {})
+    assert (masks / "notes.txt").read_text() == "mine"

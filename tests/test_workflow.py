@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import nibabel as nib
+import pandas as pd
 import pytest
 import yaml
 
@@ -77,6 +79,27 @@ def test_own_cohort_sheet_bad_row_is_left_to_screening(tmp_path):
     assert r.returncode != 0
     want = f"cohort sheet {bad}: lacks column(s) study_date, nct_dicom, ctpa_dicom, ctpa_mask"
     assert want in r.stdout + r.stderr
+
+
+def test_own_cohort_normal_without_annotation_and_id_na(tmp_path):
+    """A normal patient whose ctpa_mask cell is empty registers (an all-zero mask), and an id that pandas
+    would read as missing ("NA") stays that id through screening, the DAG and registration."""
+    res = tmp_path / "res"
+    tiny = ["--configfile", "config/tiny.yaml", "--config", f"results={res}"]
+    r = snakemake(f"{res}/synthetic/cohort.tsv", "--cores", "2", *tiny)
+    assert r.returncode == 0, r.stderr[-2000:]
+    sheet = pd.read_csv(res / "synthetic" / "cohort.tsv", sep="\t", dtype=str, keep_default_na=False)
+    normal = sheet.index[sheet["label"] == "0"][0]
+    sheet.loc[normal, ["patient_id", "ctpa_mask"]] = ["NA", ""]
+    own = res / "synthetic" / "own.tsv"
+    sheet.to_csv(own, sep="\t", index=False)
+    target = res / "registered" / "NA" / "mask_in_nct.nii.gz"
+    r = snakemake(str(target), "--cores", "2", *tiny, f"cohort={{source: sheet, sheet: {own}}}")
+    assert r.returncode == 0, r.stderr[-2000:]
+    log = (r.stdout + r.stderr).splitlines()
+    assert "--mask" not in next(line for line in log if "cpmn register --patient NA" in line)
+    mask = nib.load(target)
+    assert mask.shape == nib.load(res / "nifti" / "NA" / "nct.nii.gz").shape and not mask.get_fdata().any()
 
 
 def test_lint_is_clean():

@@ -268,16 +268,18 @@ def _read_header(path: Path, patient: str | None) -> SliceHeader | str:
             return "DICOMDIR (media storage directory)"
         if "Rows" not in ds:
             known = pydicom.uid.UID_dictionary.get(sop)
-            if known is None or "Image Storage" in known[0]:
-                # an image SOP class (or none that reads) without Rows: the header was cut short, as in a
-                # file copied only in part; skipping it would convert the series with a slice missing
+            if known is not None and "Image Storage" in known[0]:
+                # an image SOP class without Rows: the header was cut short, as in a file copied only in
+                # part; skipping it would convert the series with a slice missing
                 raise InputError(
                     patient,
                     path,
                     f"corrupt DICOM: header ends after {pixel_pos} bytes without image attributes (Rows)"
-                    f" for SOP class {known[0] if known else repr(sop) or 'missing'}",
+                    f" for SOP class {known[0]}",
                 )
-            return f"DICOM object without image ({known[0]})"
+            # a report, a dose SR, a vendor's private non-image object (Siemens CSA, GE, Philips ...)
+            what = known[0] if known else f"SOP class {sop or 'unknown'}"
+            return f"DICOM object without image ({what})"
         if sop.startswith(_SC_PREFIX):
             return "secondary capture (e.g. dose report), not an acquired image"
         if tag not in (b"\xe0\x7f\x10\x00", b"\x7f\xe0\x00\x10"):

@@ -1,6 +1,6 @@
 """Register the CTPA scan onto the NCT scan (antspyx) and warp the image and the embolus mask.
 
-``cpmn register --nct F --ctpa F --mask F --out-dir D --patient P [--truth-mask F] [--threads N]``
+``cpmn register --nct F --ctpa F [--mask F] --out-dir D --patient P [--truth-mask F] [--threads N]``
 
 The NCT is the fixed image and the CTPA the moving one: everything downstream lives on the NCT grid,
 so the CTPA image and its annotation are brought into NCT space. ``ants.registration`` with
@@ -347,7 +347,9 @@ def register_patient(
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--nct", required=True, help="NCT NIfTI (fixed image)")
     parser.add_argument("--ctpa", required=True, help="CTPA NIfTI (moving image)")
-    parser.add_argument("--mask", required=True, help="embolus mask NIfTI on the CTPA grid")
+    parser.add_argument(
+        "--mask", default=None, help="embolus mask NIfTI on the CTPA grid (none: a normal without annotation)"
+    )
     parser.add_argument("--out-dir", required=True, help="output folder D")
     parser.add_argument("--patient", required=True, help="patient id")
     parser.add_argument("--truth-mask", default=None, help="true embolus mask on the NCT grid (phantom)")

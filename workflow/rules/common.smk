@@ -95,9 +95,10 @@ def included_sheet():
 
 def included():
     """The included patients as a DataFrame indexed by patient_id."""
-    return pd.read_csv(included_sheet(), sep="\t", dtype={"patient_id": str}).set_index(
-        "patient_id"
-    )
+    # text cells, as screening reads the sheet: an id such as "NA" stays an id
+    return pd.read_csv(
+        included_sheet(), sep="\t", dtype=str, keep_default_na=False
+    ).set_index("patient_id")
 
 
 def patients():
@@ -116,8 +117,14 @@ def dicom_dirs(wildcards):
 
 
 def annotation_mask(wildcards):
-    """The embolus annotation in CTPA space."""
-    return patient_row(wildcards)["ctpa_mask"]
+    """The embolus annotation in CTPA space; none for a normal patient whose sheet cell is empty."""
+    mask = patient_row(wildcards)["ctpa_mask"]
+    return [mask] if mask else []
+
+
+def mask_flag(wildcards, input):
+    """``--mask FILE`` for `cpmn register` when the patient has an annotation (an empty mask otherwise)."""
+    return f"--mask {input.mask}" if input.get("mask") else ""
 
 
 def patient_label(wildcards):

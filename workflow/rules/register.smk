@@ -24,11 +24,12 @@ rule register:
         runtime=30,
     params:
         out=output_dir("qc"),
+        mask=mask_flag,
         truth=truth_flag,
         cfg=section("register"),
     shell:
         "cpmn register --patient {wildcards.patient} --nct {input.nct} --ctpa {input.ctpa}"
-        " --mask {input.mask} {params.truth} --out-dir {params.out} --threads {threads}"
+        " {params.mask} {params.truth} --out-dir {params.out} --threads {threads}"
         " --params {params.cfg:q} > {log} 2>&1"
 
 
