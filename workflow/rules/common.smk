@@ -150,6 +150,11 @@ def preprocessed_files(wildcards):
     return expand(f"{RES}/preprocessed/{{patient}}.npz", patient=patients())
 
 
+def nct_images(wildcards):
+    """Every included patient's NCT NIfTI: `cpmn infer` names it in the predictions (Fig. 2b draws it)."""
+    return expand(f"{RES}/nifti/{{patient}}/nct.nii.gz", patient=patients())
+
+
 def patch_files(wildcards):
     return expand(f"{RES}/patches/{{patient}}.npz", patient=patients())
 

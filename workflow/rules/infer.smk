@@ -6,6 +6,7 @@ rule infer:
         model=f"{RES}/models/{{variant}}/model.pt",
         splits=f"{RES}/splits.tsv",
         preprocessed=preprocessed_files,
+        images=nct_images,
     output:
         tsv=f"{RES}/predictions/{{variant}}/{{split}}.tsv",
         masks=report(
