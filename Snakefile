@@ -38,3 +38,4 @@ onsuccess:
 
 onerror:
     print_exclusions()
+    print_failure_hint()

@@ -129,6 +129,17 @@ def test_screen_cohort_cases(cohort, capsys):
     assert any(ln.startswith("EXCLUDED patient X1: ") and "IM_JUNK.dcm" in ln for ln in lines)
 
 
+def test_cohort_exclude_leaves_a_patient_out_and_warns_on_an_unknown_id(cohort, tmp_path, capsys):
+    root, sheet, _ = cohort
+    inc, exc = screen_cohort(sheet, tmp_path / "inc.tsv", tmp_path / "exc.tsv", {}, leave_out=["G2", "NOPE"])
+    err = capsys.readouterr().err
+    assert list(inc["patient_id"]) == ["G1", "G3"]
+    row = exc[exc["patient_id"] == "G2"].iloc[0]
+    assert (row.stage, row.file, row.reason) == ("config", str(sheet), "listed in cohort.exclude")
+    assert f"WARNING cohort.exclude: patient NOPE is not in {sheet}" in err
+    assert f"EXCLUDED patient G2: {sheet}: listed in cohort.exclude" in err
+
+
 def test_screen_reads_pixels_only_when_rules_do_not_decide(cohort, monkeypatch):
     import cpmn.data.dicomio as dio
 
@@ -181,6 +192,7 @@ def test_cli_and_unusable_sheet(cohort, tmp_path, capsys):
             included=str(tmp_path / "i.tsv"),
             excluded=str(tmp_path / "e.tsv"),
             phases=("nct",),
+            exclude=[],
             config=[],
             params=None,
         )

@@ -176,15 +176,18 @@ def screen_cohort(
     out_excluded: str | os.PathLike,
     params: dict[str, Any] | None = None,
     phases: Sequence[str] = PHASES,
+    leave_out: Sequence[str] = (),
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Check every cohort-sheet row before conversion; write the included and excluded tables.
 
     Args:
         sheet_path: cohort TSV (columns :data:`COLUMNS`, paths relative to the sheet).
         out_included: TSV of the rows that passed, same columns, paths absolute.
-        out_excluded: TSV ``patient_id, stage, file, reason`` (stage: sheet, dicom, phase, mask).
+        out_excluded: TSV ``patient_id, stage, file, reason`` (stage: sheet, config, dicom, phase, mask).
         params: the ``convert`` config section (series rules, thresholds).
         phases: phases every patient must have.
+        leave_out: patient ids to leave out (``cohort.exclude``: e.g. one that failed a later stage),
+            excluded with stage ``config``; an id not in the sheet is a warning.
 
     Returns:
         (included, excluded) data frames as written.
@@ -227,9 +230,15 @@ def screen_cohort(
                 )
                 bad_rows.add(r - 1)
 
+    listed = set(map(str, leave_out))
+    for pid in sorted(listed - set(df["patient_id"])):
+        print(f"WARNING cohort.exclude: patient {pid} is not in {sheet_path}", file=sys.stderr)
     keep: list[int] = []
     for i, row in enumerate(df.to_dict(orient="records")):
         if i in bad_rows:
+            continue
+        if row["patient_id"] in listed:
+            exclude(row["patient_id"], "config", str(sheet_path), "listed in cohort.exclude")
             continue
         row = {k: (_resolve(base, v) if k in PATH_COLUMNS else v) for k, v in row.items()}
         res = screen_row(row, params, phases)
@@ -261,13 +270,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--phases", type=parse_phases, default=PHASES, help="phases required (default nct,ctpa)"
     )
+    parser.add_argument(
+        "--exclude", nargs="*", default=[], metavar="ID", help="patient ids to leave out (cohort.exclude)"
+    )
     add_config_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
     params = resolve(args, "convert")
     try:
-        inc, exc = screen_cohort(args.sheet, args.included, args.excluded, params, phases=args.phases)
+        inc, exc = screen_cohort(
+            args.sheet, args.included, args.excluded, params, phases=args.phases, leave_out=args.exclude
+        )
     except InputError as err:
         return report(err)
     print(f"screen: {len(inc)} included, {exc['patient_id'].nunique()} patients excluded", file=sys.stderr)

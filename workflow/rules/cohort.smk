@@ -43,9 +43,10 @@ checkpoint screen_cohort:
         runtime=30,
     params:
         cfg=section("convert"),
+        exclude=exclude_flag(),
     shell:
         "cpmn screen --sheet {input.sheet} --included {output.included} --excluded {output.excluded}"
-        " --params {params.cfg:q} > {log} 2>&1"
+        " {params.exclude} --params {params.cfg:q} > {log} 2>&1"
 
 
 rule split:

@@ -1,6 +1,7 @@
 # Config validation, the cohort, and the named input functions (no lambdas in rules).
 import json
 import os
+import shlex
 import shutil
 import sys
 from pathlib import Path
@@ -86,6 +87,12 @@ def infer_params():
     return json.dumps(
         {"infer": config["infer"], "patches": config["patches"]}, separators=(",", ":")
     )
+
+
+def exclude_flag():
+    """``--exclude ID ...`` for `cpmn screen` from ``cohort.exclude`` (ids quoted for the shell)."""
+    ids = config["cohort"].get("exclude") or []
+    return "--exclude " + " ".join(shlex.quote(str(i)) for i in ids) if ids else ""
 
 
 def included_sheet():
@@ -247,3 +254,14 @@ def print_exclusions():
     if len(table):
         ids = table["patient_id"].nunique()
         print(f"{ids} patient(s) excluded by screening: see {path}", file=sys.stderr)
+
+
+def print_failure_hint():
+    """After a failed run (onerror): how to go on without a patient that passed screening but failed a
+    later stage (its error line is in the failed job's log, shown above)."""
+    print(
+        "A patient that fails after screening stops the study: fix its input, or list its id under"
+        ' cohort.exclude (e.g. --config "cohort={exclude: [P7]}") to leave it out at'
+        " screening, and run again.",
+        file=sys.stderr,
+    )
