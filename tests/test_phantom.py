@@ -72,7 +72,11 @@ def test_cohort_layout_and_sheet(tiny_cohort):
         assert int(row.study_date[:4]) in range(2019, 2023)
     readers = pd.read_csv(out / "readers.tsv", sep="\t")
     assert list(readers.columns) == ["reader", "patient_id", "decision"]
-    assert len(readers) == 3 * 3 and set(readers.decision) <= {0, 1}
+    last = tsv.study_date.astype(str).str[:4].max()  # the temporal test set: the readers read only these
+    test_ids = set(tsv.patient_id[tsv.study_date.astype(str).str[:4] == last])
+    assert 0 < len(test_ids) < len(tsv)
+    assert set(readers.patient_id) == test_ids and set(readers.decision) <= {0, 1}
+    assert len(readers) == 3 * len(test_ids)
     assert (out / "montage.png").stat().st_size > 10_000
     assert "synthetic" in (out / "README.md").read_text().lower()
     assert not list(out.parent.glob(".cohort.tmp*"))  # the temporary folder is gone

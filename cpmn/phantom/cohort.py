@@ -382,7 +382,9 @@ READER_MODEL = (
     "a specificity sp_r ~ U(0.90, 0.95). For a PE patient the detection probability is "
     "min(0.95, s_r + 0.15 [a visible clot is central, generation 1] + 0.05 min(1, largest visible clot "
     "radius / 8 mm)), halved when every clot is occult in NCT (zero contrast); a normal patient is called "
-    "positive with probability 1 - sp_r. Decisions are Bernoulli draws from SeedSequence([seed, 2**31 - 2])."
+    "positive with probability 1 - sp_r. Decisions are Bernoulli draws from SeedSequence([seed, 2**31 - 2]), "
+    "drawn for every patient; readers.tsv keeps those of the last year's patients (the temporal test set), as "
+    "in a reader study of the test scans."
 )
 
 
@@ -460,6 +462,8 @@ def generate_cohort(
         cols = ["patient_id", "label", "study_date", "nct_dicom", "ctpa_dicom", "ctpa_mask"]
         sheet[cols].to_csv(tmp / "cohort.tsv", sep="\t", index=False)
         readers = synthetic_readers(truths, int(p["readers"]), int(p["seed"]))
+        test_year = sheet.study_date.str[:4].max()  # cpmn split: the latest year is the test set
+        readers = readers[readers.patient_id.isin(sheet.patient_id[sheet.study_date.str[:4] == test_year])]
         readers.to_csv(tmp / "readers.tsv", sep="\t", index=False)
         _write_readme(tmp, p, sheet)
         if p["montage"]:
