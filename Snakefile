@@ -38,4 +38,4 @@ onsuccess:
 
 onerror:
     print_exclusions()
-    print_failure_hint()
+    print_failure_hint(log)

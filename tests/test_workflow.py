@@ -1,5 +1,6 @@
 """The Snakemake workflow: the DAG builds, the config is validated, the tiny study runs (slow)."""
 
+import json
 import os
 import shutil
 import subprocess
@@ -100,6 +101,52 @@ def test_own_cohort_normal_without_annotation_and_id_na(tmp_path):
     assert "--mask" not in next(line for line in log if "cpmn register --patient NA" in line)
     mask = nib.load(target)
     assert mask.shape == nib.load(res / "nifti" / "NA" / "nct.nii.gz").shape and not mask.get_fdata().any()
+
+
+def test_patient_failing_after_screening_is_named_and_left_out(tmp_path):
+    """A patient that passes screening but fails registration (a constant NCT): the other patients' jobs
+    go on (keep-going), the run ends naming the patient, its file and the cohort.exclude to set; with that
+    set, the run completes without redoing the other patient's finished jobs."""
+    import pydicom
+
+    res = tmp_path / "res"
+    base = ["--workflow-profile", "profiles/default", "--configfile", "config/tiny.yaml"]
+    tiny = [*base, "--config", f"results={res}"]
+    r = snakemake(f"{res}/synthetic/cohort.tsv", "--cores", "2", *tiny)
+    assert r.returncode == 0, r.stderr[-2000:]
+    sheet = pd.read_csv(res / "synthetic" / "cohort.tsv", sep="\t", dtype=str, keep_default_na=False)
+    sheet = sheet.iloc[:2]
+    bad, good = sheet.patient_id
+    truth = json.loads((res / "synthetic" / "truth" / bad / "truth.json").read_text())
+    number = next(s["series_number"] for s in truth["series"] if s["role"] == "nct")
+    for f in sorted((res / "synthetic" / sheet.nct_dicom.iloc[0]).glob("*.dcm")):
+        ds = pydicom.dcmread(f)
+        if int(ds.SeriesNumber) == number:  # the NCT series: every voxel 40 HU (blood, as screening sees)
+            px = ds.pixel_array
+            px[...] = round((40 - float(ds.RescaleIntercept)) / float(ds.RescaleSlope))
+            ds.PixelData = px.tobytes()
+            ds.save_as(f)
+    own = res / "synthetic" / "own.tsv"
+    sheet.to_csv(own, sep="\t", index=False)
+    targets = [str(res / "registered" / p / "qc.json") for p in (bad, good)]
+    cohort = f"cohort={{source: sheet, sheet: {own}}}"
+    r = snakemake(*targets, "--cores", "2", *tiny, cohort)
+    console = r.stdout + r.stderr
+    assert r.returncode != 0
+    assert (res / "registered" / good / "qc.json").is_file()  # the rest of the cohort went on
+    assert not (res / "registered" / bad).exists() or not any((res / "registered" / bad).iterdir())
+    line = next(x for x in console.splitlines() if x.startswith("FAILED after screening: "))
+    assert line.startswith(f"FAILED after screening: patient {bad}: ") and "constant" in line, line
+    assert f"cohort.exclude: [{bad}]" in console
+    done = (res / "nifti" / good / "nct.nii.gz").stat().st_mtime_ns
+    r = snakemake(
+        targets[1], "--cores", "2", *tiny, f"cohort={{source: sheet, sheet: {own}, exclude: [{bad}]}}"
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    excluded = pd.read_csv(res / "qc" / "excluded.tsv", sep="\t", dtype=str)
+    assert excluded.values.tolist()[0][:2] == [bad, "config"]
+    assert (res / "nifti" / good / "nct.nii.gz").stat().st_mtime_ns == done  # not converted again
+    assert "rule convert" not in r.stdout + r.stderr
 
 
 def test_lint_is_clean():

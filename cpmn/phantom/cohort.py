@@ -383,8 +383,8 @@ READER_MODEL = (
     "min(0.95, s_r + 0.15 [a visible clot is central, generation 1] + 0.05 min(1, largest visible clot "
     "radius / 8 mm)), halved when every clot is occult in NCT (zero contrast); a normal patient is called "
     "positive with probability 1 - sp_r. Decisions are Bernoulli draws from SeedSequence([seed, 2**31 - 2]), "
-    "drawn for every patient; readers.tsv keeps those of the last year's patients (the temporal test set), as "
-    "in a reader study of the test scans."
+    "drawn for every patient; readers.tsv keeps those of the last year's patients (the temporal test "
+    "set), as in a reader study of the test scans."
 )
 
 

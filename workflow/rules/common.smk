@@ -1,6 +1,7 @@
 # Config validation, the cohort, and the named input functions (no lambdas in rules).
 import json
 import os
+import re
 import shlex
 import shutil
 import sys
@@ -256,9 +257,56 @@ def print_exclusions():
         print(f"{ids} patient(s) excluded by screening: see {path}", file=sys.stderr)
 
 
-def print_failure_hint():
-    """After a failed run (onerror): how to go on without a patient that passed screening but failed a
-    later stage (its error line is in the failed job's log, shown above)."""
+FAILED_JOB = "Error in rule "  # how the Snakemake log opens a failed job's block
+
+
+def failed_patients(snakemake_logs):
+    """``{patient: error line}`` of the jobs that failed in this run with a cpmn error line: each failed
+    job's block in the Snakemake log names the job's log, whose "ERROR patient P: FILE: reason" line names
+    the patient (`cpmn.errors.report`)."""
+    failed = {}
+    for main in snakemake_logs or []:
+        try:
+            text = Path(main).read_text(errors="replace")
+        except OSError:
+            continue
+        in_block = False
+        for line in text.splitlines():
+            if line.startswith(FAILED_JOB):
+                in_block = True
+            elif in_block and line.strip().startswith("log: "):
+                in_block = False
+                for job_log in line.strip()[5:].split(" (check log")[0].split(", "):
+                    try:
+                        lines = Path(job_log).read_text(errors="replace").splitlines()
+                    except OSError:
+                        continue
+                    for err in lines:
+                        m = re.match(r"ERROR patient (\S+): ", err)
+                        if m and m.group(1) != "None":
+                            failed.setdefault(m.group(1), err)
+            elif in_block and not line.startswith(" "):
+                in_block = False
+    return failed
+
+
+def print_failure_hint(snakemake_logs=()):
+    """After a failed run (onerror): the patients that passed screening but failed a later stage, and the
+    cohort.exclude that leaves them out at screening, so that the rest of the cohort goes on.
+    """
+    failed = failed_patients(snakemake_logs)
+    for err in failed.values():
+        print(f"FAILED after screening: {err[len('ERROR '):]}", file=sys.stderr)
+    if failed:
+        ids = ", ".join(
+            dict.fromkeys([*map(str, config["cohort"].get("exclude") or []), *failed])
+        )
+        print(
+            f"{len(failed)} patient(s) failed after screening. Fix the input, or leave them out: set"
+            f" cohort.exclude: [{ids}] in the config and run again; the jobs already done are kept.",
+            file=sys.stderr,
+        )
+        return
     print(
         "A patient that fails after screening stops the study: fix its input, or list its id under"
         ' cohort.exclude (e.g. --config "cohort={exclude: [P7]}") to leave it out at'

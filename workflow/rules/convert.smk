@@ -3,7 +3,6 @@
 
 rule convert:
     input:
-        sheet=f"{RES}/cohort.included.tsv",
         dicom=dicom_dirs,
     output:
         nct=f"{RES}/nifti/{{patient}}/nct.nii.gz",

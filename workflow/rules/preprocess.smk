@@ -3,7 +3,6 @@
 
 rule preprocess:
     input:
-        sheet=f"{RES}/cohort.included.tsv",
         nct=f"{RES}/nifti/{{patient}}/nct.nii.gz",
         ctpa=f"{RES}/registered/{{patient}}/ctpa_in_nct.nii.gz",
         mask=f"{RES}/registered/{{patient}}/mask_in_nct.nii.gz",
