@@ -27,7 +27,7 @@ checkpoint screen_cohort:
     input:
         sheet=cohort_sheet(),
     output:
-        included=f"{RES}/cohort.included.tsv",
+        included=INCLUDED_SHEET,
         excluded=report(
             f"{RES}/qc/excluded.tsv",
             caption="../report/excluded.rst",
@@ -51,7 +51,7 @@ checkpoint screen_cohort:
 
 rule split:
     input:
-        sheet=f"{RES}/cohort.included.tsv",
+        sheet=INCLUDED_SHEET,
     output:
         f"{RES}/splits.tsv",
     log:

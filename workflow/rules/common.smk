@@ -27,6 +27,12 @@ SYNTHETIC = config["cohort"]["source"] == "synthetic"
 SYNTH_DIR = f"{RES}/synthetic"
 MONTAGE = bool(config["synthetic"].get("montage", True))
 GPU = int(config["resources"]["gpu"])
+# screen_cohort's output: the patients that go on
+INCLUDED_SHEET = f"{RES}/cohort.included.tsv"
+# The input of per-patient jobs whose params read the sheet; a job on a cluster node needs the checkpoint
+# output among its inputs, and ancient() keeps a re-screening (e.g. a new cohort.exclude) from rerunning the
+# patients already done.
+SCREENED = ancient(INCLUDED_SHEET)
 
 if not SYNTHETIC and not config["cohort"].get("sheet"):
     raise ValueError("config cohort.source is 'sheet' but cohort.sheet is not set")

@@ -3,9 +3,7 @@
 
 rule convert:
     input:
-        # ancient: the checkpoint's sheet must be an input (a remote job needs it), but re-screening
-        # (e.g. a new cohort.exclude) must not rerun the patients already done.
-        sheet=ancient(f"{RES}/cohort.included.tsv"),
+        sheet=SCREENED,
         dicom=dicom_dirs,
     output:
         nct=f"{RES}/nifti/{{patient}}/nct.nii.gz",

@@ -3,9 +3,7 @@
 
 rule preprocess:
     input:
-        # ancient: the checkpoint's sheet must be an input (a remote job needs it), but re-screening
-        # (e.g. a new cohort.exclude) must not rerun the patients already done.
-        sheet=ancient(f"{RES}/cohort.included.tsv"),
+        sheet=SCREENED,
         nct=f"{RES}/nifti/{{patient}}/nct.nii.gz",
         ctpa=f"{RES}/registered/{{patient}}/ctpa_in_nct.nii.gz",
         mask=f"{RES}/registered/{{patient}}/mask_in_nct.nii.gz",
