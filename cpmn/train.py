@@ -11,8 +11,11 @@ CPU path runs in float32 with ``torch.use_deterministic_algorithms``, so a fixed
 weights. After every epoch: validation (patient-level AUC on the ``val`` split with the score that inference
 reports, ``infer.score``: :func:`cpmn.infer.patient_score`), a row of ``train_log.tsv``,
 ``last.pt`` (model, optimiser, scheduler, python/numpy/torch RNG states and the sampler position) and, when
-the validation AUC improves, ``model.pt``. A run started again over an existing ``last.pt`` of the same
-settings resumes from it and ends with the same weights as an uninterrupted run.
+the validation AUC improves, ``model.pt`` (``last.pt`` keeps a copy of it too). A run started again over
+an existing ``last.pt`` of the same settings *and the same data* (ordered train/val ids and a digest of
+their preprocessed volumes and patch banks, :func:`data_fingerprint`) resumes from it and ends with the same
+weights as an uninterrupted run; a finished one only rewrites a removed ``model.pt``. A checkpoint of other
+settings or other data is never resumed: training starts afresh and says why in one line.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from __future__ import annotations
 import argparse
 import copy
 import csv
+import hashlib
 import json
 import math
 import os
@@ -197,6 +201,44 @@ def _save(obj: Mapping[str, Any], path: Path) -> None:
         torch.save(dict(obj), tmp)
 
 
+def data_fingerprint(
+    train_ids: Sequence[str], val_ids: Sequence[str], preprocessed_dir: str | Path, patches_dir: str | Path
+) -> dict[str, Any]:
+    """What a checkpoint was trained on: the ordered train and validation ids and a BLAKE2b digest of
+    their preprocessed volumes and (train) patch banks, in that order. A checkpoint whose record differs
+    is never resumed: the same settings on another cohort would continue on a different set of patients.
+    """
+    h = hashlib.blake2b(digest_size=16)
+    files = [Path(preprocessed_dir) / f"{pid}.npz" for pid in (*train_ids, *val_ids)]
+    files += [Path(patches_dir) / f"{pid}.npz" for pid in train_ids]
+    for path in files:
+        h.update(path.name.encode() + b"\0")
+        try:
+            with open(path, "rb") as fh:
+                for chunk in iter(lambda: fh.read(1 << 20), b""):
+                    h.update(chunk)
+        except OSError:
+            h.update(b"<missing>")  # the dataset reports it by name below
+    return {"train_ids": list(train_ids), "val_ids": list(val_ids), "digest": h.hexdigest()}
+
+
+def _data_change(old: Mapping[str, Any] | None, new: Mapping[str, Any]) -> str:
+    """One phrase saying how the data of a checkpoint differ from the data now."""
+    if not old:
+        return "it records no training data"
+    parts = []
+    for key, name in (("train_ids", "train"), ("val_ids", "validation")):
+        before, now = list(old.get(key, [])), list(new[key])
+        if before != now:
+            gone, added = sorted(set(before) - set(now)), sorted(set(now) - set(before))
+            what = [f"-{', '.join(gone)}" if gone else "", f"+{', '.join(added)}" if added else ""]
+            detail = " ".join(w for w in what if w) or "order changed"
+            parts.append(f"{name} ids changed ({len(before)} -> {len(now)}: {detail})")
+    if not parts and old.get("digest") != new["digest"]:
+        parts.append("the preprocessed volumes or patch banks changed")
+    return "; ".join(parts)
+
+
 def train_variant(
     variant: str,
     splits: str | Path,
@@ -280,7 +322,8 @@ def train_variant(
     opt = torch.optim.Adam(model.parameters(), lr=float(tcfg["lr"]))
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total_steps, eta_min=float(tcfg["lr_min"]))
 
-    start_epoch, step, best_auc, rows = 0, 0, float("nan"), []
+    data = data_fingerprint(train_ids, val_ids, preprocessed_dir, patches_dir)
+    start_epoch, step, best_auc, rows, best_state = 0, 0, float("nan"), [], None
     last_path, model_path, log_path = out_dir / "last.pt", out_dir / "model.pt", out_dir / "train_log.tsv"
     if resume and last_path.is_file():
         try:
@@ -290,15 +333,20 @@ def train_variant(
         except Exception as err:  # a truncated or foreign file: torch raises assorted types
             print(f"WARNING {last_path}: cannot resume ({type(err).__name__}); training from scratch")
             ckpt = {}
-        if ckpt.get("fingerprint") == fingerprint:
+        if ckpt and ckpt.get("fingerprint") != fingerprint:
+            print(f"{last_path}: settings changed since this checkpoint; training from scratch")
+        elif ckpt and ckpt.get("data") != data:
+            why = _data_change(ckpt.get("data"), data)
+            print(f"{last_path}: trained on other data, {why}; training from scratch")
+        elif ckpt:
             model.load_state_dict(ckpt["model"])
             opt.load_state_dict(ckpt["optimizer"])
             sched.load_state_dict(ckpt["scheduler"])
             _set_rng_state(ckpt["rng"])
             start_epoch, step = int(ckpt["epoch"]), int(ckpt["step"])
             best_auc, rows = float(ckpt["best_val_auc"]), list(ckpt["log"])
-        elif ckpt:
-            print(f"{last_path}: settings changed since this checkpoint; training from scratch")
+            best_state = ckpt.get("best")
+            print(f"{last_path}: resuming after epoch {start_epoch}/{epochs}")
 
     meta = {"variant_name": variant, "variant": entry, "model_cfg": model_cfg, "patch_size": patch_size}
     pin = device.type == "cuda"
@@ -346,13 +394,19 @@ def train_variant(
         improved = (not math.isnan(auc) and (math.isnan(best_auc) or auc >= best_auc)) or (
             math.isnan(best_auc) and math.isnan(auc)
         )
-        if improved or not model_path.is_file():
+        if improved or best_state is None:
             best_auc = auc if improved else best_auc
-            _save({**meta, "model": model.state_dict(), "epoch": epoch + 1, "val_auc": auc}, model_path)
+            weights = copy.deepcopy(model.state_dict())
+            best_state = {**meta, "model": weights, "epoch": epoch + 1, "val_auc": auc}
+            _save(best_state, model_path)
+        elif not model_path.is_file():
+            _save(best_state, model_path)
         _save(
             {
                 **meta,
                 "fingerprint": fingerprint,
+                "data": data,
+                "best": best_state,
                 "model": model.state_dict(),
                 "optimizer": opt.state_dict(),
                 "scheduler": sched.state_dict(),
@@ -368,6 +422,11 @@ def train_variant(
         _write_log(log_path, rows)
         if progress:
             print(f"{variant} epoch {epoch + 1}/{epochs}: L_total {row['L_total']:.4f} val_auc {auc:.3f}")
+    if not model_path.is_file():
+        # a finished checkpoint resumed after model.pt was removed (Snakemake deletes a rerun job's outputs)
+        if best_state is None:
+            raise InputError(None, last_path, "finished checkpoint holds no best model; delete it and rerun")
+        _save(best_state, model_path)
     if not log_path.is_file():
         _write_log(log_path, rows)
     return {"status": "done", "step": step, "best_val_auc": best_auc, "rows": rows}

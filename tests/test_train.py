@@ -297,6 +297,52 @@ def test_a_corrupt_last_pt_is_a_fresh_start_not_a_crash(cohort, tmp_path, capsys
     assert torch.load(tmp_path / "m" / "last.pt", weights_only=False)["step"] == 4
 
 
+def test_a_finished_checkpoint_rewrites_a_removed_model_pt(cohort, tmp_path, capsys):
+    """Snakemake deletes model.pt before rerunning train; a finished last.pt of the same settings and data
+    restores the best epoch's model.pt without training again (it used to end with no model.pt)."""
+    cfg = _config()
+    _run(cohort, tmp_path / "m", cfg)
+    best = _weights(tmp_path / "m" / "model.pt")
+    (tmp_path / "m" / "model.pt").unlink()
+    capsys.readouterr()
+    again = _run(cohort, tmp_path / "m", cfg)
+    assert again["status"] == "done" and again["step"] == 4 and len(again["rows"]) == 2
+    assert "resuming after epoch 2/2" in capsys.readouterr().out
+    restored = _weights(tmp_path / "m" / "model.pt")
+    assert restored.keys() == best.keys() and all(torch.equal(restored[k], best[k]) for k in best)
+
+
+def test_a_checkpoint_of_other_data_is_never_resumed(cohort, tmp_path, capsys):
+    """A half-trained last.pt from another split (or changed volumes) is a fresh start, said in one line,
+    and ends with the weights of a run that never saw the old checkpoint."""
+    cfg = _config()
+    other = tmp_path / "other_splits.tsv"
+    other.write_text("patient_id\tsplit\np0\ttrain\np1\ttrain\np1\tval\n")  # p0 left out of val
+    _run(cohort, tmp_path / "m", cfg, max_steps=3)
+    capsys.readouterr()
+    res = train_variant("nct", other, cohort["pre"], cohort["pat"], tmp_path / "m", cfg)
+    out = capsys.readouterr().out
+    assert res["status"] == "done" and res["step"] == 4
+    assert "trained on other data, validation ids changed (2 -> 1: -p0); training from scratch" in out
+    fresh = train_variant("nct", other, cohort["pre"], cohort["pat"], tmp_path / "f", cfg)
+    assert fresh["step"] == 4
+    a, b = _weights(tmp_path / "m" / "last.pt"), _weights(tmp_path / "f" / "last.pt")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert torch.load(tmp_path / "m" / "last.pt", weights_only=False)["data"]["val_ids"] == ["p1"]
+    # same ids, one volume changed on disk: the digest catches it
+    pre2 = tmp_path / "pre2"
+    pre2.mkdir()
+    for f in cohort["pre"].iterdir():
+        (pre2 / f.name).write_bytes(f.read_bytes())
+    with np.load(pre2 / "p1.npz") as z:
+        arrays = dict(z)
+    arrays["nct"] = arrays["nct"] + 0.01
+    np.savez(pre2 / "p1.npz", **arrays)
+    capsys.readouterr()
+    train_variant("nct", other, pre2, cohort["pat"], tmp_path / "m", cfg)
+    assert "the preprocessed volumes or patch banks changed; training from scratch" in capsys.readouterr().out
+
+
 def test_cli_reports_bad_input(cohort, tmp_path, capsys):
     from cpmn.cli import main
 

@@ -189,6 +189,54 @@ def test_tiny_study_end_to_end(tmp_path):
 
 
 @pytest.mark.slow
+def test_rerun_after_a_cohort_change_trains_on_the_new_split(tmp_path):
+    """The README's edit-and-rerun loop on an own cohort: a study with one broken row (excluded at
+    screening) runs to the end; then the row is fixed and another patient is set in cohort.exclude, and
+    the rerun into the same results folder succeeds, every variant trains afresh on the new split (its
+    checkpoint records the new ids) and no patient-failure hint is printed."""
+    res = tmp_path / "res"
+    more = tmp_path / "twelve.yaml"
+    more.write_text("synthetic:\n  patients: 12\n")  # one left out, 11 still split by class
+    tiny = ["--workflow-profile", "profiles/default", "--configfile", "config/tiny.yaml", str(more)]
+    tiny += ["--config", f"results={res}"]
+    r = snakemake(f"{res}/synthetic/cohort.tsv", "--cores", "2", *tiny)
+    assert r.returncode == 0, r.stderr[-2000:]
+    sheet = pd.read_csv(res / "synthetic" / "cohort.tsv", sep="\t", dtype=str, keep_default_na=False)
+    years = sheet.study_date.str[:4]
+    early = sheet[years == years.min()].patient_id.tolist()  # the first year always trains (tiny.yaml)
+    broken, dropped = early[0], early[1]
+    own = res / "synthetic" / "own.tsv"
+    bad = sheet.copy()
+    bad.loc[bad.patient_id == broken, "nct_dicom"] = "dicom/no-such-folder"
+    bad.to_csv(own, sep="\t", index=False)
+    cohort = f"cohort={{source: sheet, sheet: {own}}}"
+    r = snakemake("--cores", "2", *tiny, cohort, timeout=1800)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    first = pd.read_csv(res / "splits.tsv", sep="\t", dtype=str)
+    assert broken not in set(first.patient_id) and dropped in set(first.patient_id)
+
+    sheet.to_csv(own, sep="\t", index=False)  # the row fixed
+    cohort = f"cohort={{source: sheet, sheet: {own}, exclude: [{dropped}]}}"
+    r = snakemake("--cores", "2", *tiny, cohort, timeout=1800)
+    console = r.stdout + r.stderr
+    assert r.returncode == 0, console[-3000:]
+    assert "failed after screening" not in console.lower()
+    splits = pd.read_csv(res / "splits.tsv", sep="\t", dtype=str)
+    assert broken in set(splits.patient_id) and dropped not in set(splits.patient_id)
+    want = {k: splits.patient_id[splits.split == k].tolist() for k in ("train", "val")}
+    import torch
+
+    for variant in yaml.safe_load((ROOT / "config" / "config.yaml").read_text())["variants"]:
+        ckpt = torch.load(res / "models" / variant / "last.pt", weights_only=False, map_location="cpu")
+        assert (ckpt["data"]["train_ids"], ckpt["data"]["val_ids"]) == (want["train"], want["val"]), variant
+        assert (res / "models" / variant / "model.pt").is_file()
+        log = (res / "logs" / "train" / f"{variant}.log").read_text()
+        assert "trained on other data, train ids changed" in log, log[-500:]
+    table = pd.read_csv(res / "tables" / "table1_ablation.tsv", sep="\t")
+    assert len(table) == 5
+
+
+@pytest.mark.slow
 def test_slurm_profile_on_a_real_one_node_cluster(tmp_path):
     if os.geteuid() != 0 or shutil.which("apt-get") is None:
         pytest.skip("needs root and apt-get to install a one-node SLURM")

@@ -289,7 +289,7 @@ def failed_patients(snakemake_logs):
                         continue
                     for err in lines:
                         m = re.match(r"ERROR patient (\S+): ", err)
-                        if m and m.group(1) != "None":
+                        if m:  # "?": an error of the cohort as a whole (e.g. split)
                             failed.setdefault(m.group(1), err)
             elif in_block and not line.startswith(" "):
                 in_block = False
@@ -301,6 +301,11 @@ def print_failure_hint(snakemake_logs=()):
     cohort.exclude that leaves them out at screening, so that the rest of the cohort goes on.
     """
     failed = failed_patients(snakemake_logs)
+    for pid in ("?", "None"):
+        if (
+            pid in failed
+        ):  # no patient to leave out: the cohort (or a file of the study) is at fault
+            print(f"FAILED: {failed.pop(pid).split(': ', 1)[1]}", file=sys.stderr)
     for err in failed.values():
         print(f"FAILED after screening: {err[len('ERROR '):]}", file=sys.stderr)
     if failed:
@@ -312,10 +317,3 @@ def print_failure_hint(snakemake_logs=()):
             f" cohort.exclude: [{ids}] in the config and run again; the jobs already done are kept.",
             file=sys.stderr,
         )
-        return
-    print(
-        "A patient that fails after screening stops the study: fix its input, or list its id under"
-        ' cohort.exclude (e.g. --config "cohort={exclude: [P7]}") to leave it out at'
-        " screening, and run again.",
-        file=sys.stderr,
-    )
