@@ -24,6 +24,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "split": ("cpmn.data.split", "temporal hold-out test year plus a stratified validation split"),
     "train": ("cpmn.train", "train one variant (single or dual pathway)"),
     "infer": ("cpmn.infer", "sliding-window inference: patient probability, mask and CAM"),
+    "ceiling": ("cpmn.phantom.observer", "the phantom's ceiling: a truth-informed observer's AUC per phase"),
     "evaluate": ("cpmn.evaluate.cli", "metrics, statistics, Table 1, Table 2 and Fig. 2"),
 }
 

@@ -248,8 +248,8 @@ def infer_split(
     from monai.visualize import GradCAM
 
     from cpmn.data.preprocess import to_original_grid
+    from cpmn.data.split import read_splits
     from cpmn.evaluate.figures import cam_overview
-    from cpmn.train import read_splits
     from cpmn.variants import load_for_inference, variant_score
 
     p = {**DEFAULTS, **(params or {})}

@@ -44,6 +44,7 @@ from tqdm import tqdm
 from cpmn.config import add_config_arguments, resolve
 from cpmn.data.dataset import IndexRange, PatchDataset, load_patient
 from cpmn.data.patches import DEFAULT_PATCH
+from cpmn.data.split import read_splits
 from cpmn.errors import InputError, atomic_path, report
 from cpmn.losses import TERMS
 from cpmn.variants import (
@@ -72,30 +73,6 @@ TRAIN_DEFAULTS: dict[str, Any] = {
 }
 PATCH_DEFAULTS: dict[str, Any] = {"size": list(DEFAULT_PATCH)}
 LOG_COLUMNS = ("epoch", *TERMS, "lr", "val_auc", "seconds")
-
-
-def read_splits(path: str | Path) -> dict[str, list[str]]:
-    """``{split: [patient_id, ...]}`` from the splits TSV (``patient_id``, ``split``)."""
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(None, path, "splits file not found")
-    out: dict[str, list[str]] = {"train": [], "val": [], "test": []}
-    try:
-        with open(path, newline="", encoding="utf-8") as fh:
-            reader = csv.DictReader(fh, delimiter="\t")
-            if not reader.fieldnames or not {"patient_id", "split"} <= set(reader.fieldnames):
-                raise InputError(None, path, "splits TSV needs columns patient_id and split")
-            for i, row in enumerate(reader):
-                if row["split"] not in out:  # a renamed split would silently lose its patients
-                    raise InputError(
-                        row["patient_id"],
-                        path,
-                        f"row {i + 1}: split {row['split']!r} is not train, val or test",
-                    )
-                out[row["split"]].append(row["patient_id"])
-    except UnicodeDecodeError as err:
-        raise InputError(None, path, f"not UTF-8 text ({err.reason} at byte {err.start})") from err
-    return out
 
 
 def resolve_device(name: str = "auto") -> torch.device:

@@ -15,6 +15,7 @@ Output TSV columns: ``patient_id, split`` (train | val | test), then ``label`` a
 from __future__ import annotations
 
 import argparse
+import csv
 from pathlib import Path
 from typing import Any
 
@@ -134,6 +135,30 @@ def split_sheet(sheet: str | Path, out: str | Path, params: dict[str, Any] | Non
         result.to_csv(tmp, sep="\t", index=False)
     print(counts(result).to_string(index=False))
     return result
+
+
+def read_splits(path: str | Path) -> dict[str, list[str]]:
+    """``{split: [patient_id, ...]}`` from the splits TSV (``patient_id``, ``split``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(None, path, "splits file not found")
+    out: dict[str, list[str]] = {"train": [], "val": [], "test": []}
+    try:
+        with open(path, newline="", encoding="utf-8") as fh:
+            reader = csv.DictReader(fh, delimiter="\t")
+            if not reader.fieldnames or not {"patient_id", "split"} <= set(reader.fieldnames):
+                raise InputError(None, path, "splits TSV needs columns patient_id and split")
+            for i, row in enumerate(reader):
+                if row["split"] not in out:  # a renamed split would silently lose its patients
+                    raise InputError(
+                        row["patient_id"],
+                        path,
+                        f"row {i + 1}: split {row['split']!r} is not train, val or test",
+                    )
+                out[row["split"]].append(row["patient_id"])
+    except UnicodeDecodeError as err:
+        raise InputError(None, path, f"not UTF-8 text ({err.reason} at byte {err.start})") from err
+    return out
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

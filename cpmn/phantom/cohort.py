@@ -347,6 +347,7 @@ def generate_patient(
         _save_nifti(mask_c.astype(np.uint8), ctpa_aff, out / rel["ctpa_mask"])
         tdir = out / "truth" / pid
         _save_nifti(mask_n.astype(np.uint8), nct_aff, tdir / "mask_nct.nii.gz")
+        _save_nifti(lumen_n.astype(np.uint8), nct_aff, tdir / "lumen_nct.nii.gz")  # the ceiling observer's
         _save_nifti(u, ctpa_aff, tdir / "displacement.nii.gz", intent="vector", dtype=np.int16)
         with open(tdir / "truth.json", "w") as fh:
             json.dump(truth, fh, indent=1)
@@ -495,7 +496,8 @@ def _write_readme(d: Path, p: dict, sheet: pd.DataFrame) -> None:
         "- cohort.tsv: patient_id, label, study_date, nct_dicom, ctpa_dicom, ctpa_mask (relative paths).",
         "- dicom/{pid}/: NCT and CTPA series (some patients also a localizer or a thick-slice NCT).",
         "- masks/{pid}_ctpa_mask.nii.gz: embolus annotation on the CTPA grid.",
-        "- truth/{pid}/: mask_nct.nii.gz, displacement.nii.gz, truth.json (hidden truth, scoring only).",
+        "- truth/{pid}/: mask_nct.nii.gz, lumen_nct.nii.gz, displacement.nii.gz, truth.json (hidden truth,"
+        " scoring and the ceiling observer only).",
         f"- displacement: {DISPLACEMENT_CONVENTION}",
         f"- readers.tsv: {READER_MODEL}",
         "",

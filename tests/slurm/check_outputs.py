@@ -33,6 +33,21 @@ def check(results: Path) -> list[str]:
     if len(reg) != len(splits):
         problems.append(f"registration QC has {len(reg)} rows for {len(splits)} patients")
     problems += check_values(results, stats, reg)
+    problems += check_ceiling(results, splits)
+    return problems
+
+
+def check_ceiling(results: Path, splits: pd.DataFrame) -> list[str]:
+    """The ceiling table's AUCs recomputed from its per-patient scores; CTPA's ceiling near 1."""
+    table = pd.read_csv(results / "tables/ceiling.tsv", sep="\t")
+    scores = pd.read_csv(results / "tables/ceiling.scores.tsv", sep="\t", dtype={"patient_id": str})
+    if len(scores) != len(splits):
+        return [f"ceiling scores {len(scores)} patients for {len(splits)}"]
+    row = table[(table.phase == "ctpa") & (table.split == "all")].iloc[0]
+    auc = roc_auc_score(scores["label"], scores["ctpa"])
+    problems = [] if abs(auc - row["auc"]) < 1e-3 else [f"ceiling ctpa all {row['auc']} != {auc}"]
+    if auc < 0.9:
+        problems.append(f"ceiling: the observer scores CTPA AUC {auc:.3f} < 0.9 on the phantom")
     return problems
 
 

@@ -156,6 +156,11 @@ def truth_flag(wildcards, input):
     return f"--truth-mask {input.truth}" if input.get("truth") else ""
 
 
+def truth_lumens(wildcards):
+    """The phantom's artery lumen on the NCT grid per patient (the ceiling observer's knowledge)."""
+    return expand(f"{SYNTH_DIR}/truth/{{patient}}/lumen_nct.nii.gz", patient=patients())
+
+
 def registration_qc_files(wildcards):
     return expand(f"{RES}/registered/{{patient}}/qc.json", patient=patients())
 
@@ -192,6 +197,8 @@ def final_outputs():
         f"{RES}/stats.json",
         f"{RES}/qc/registration.tsv",
     ]
+    if SYNTHETIC:
+        out.append(f"{RES}/tables/ceiling.tsv")
     if SYNTHETIC and MONTAGE:
         out.append(f"{SYNTH_DIR}/montage.png")
     return out

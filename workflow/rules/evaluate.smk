@@ -53,3 +53,34 @@ rule evaluate:
     shell:
         "cpmn evaluate --predictions {params.predictions} {params.readers} --out-tables {params.tables}"
         " --out-figures {params.figures} --stats {output.stats} --params {params.cfg:q} > {log} 2>&1"
+
+
+rule ceiling:
+    input:
+        splits=f"{RES}/splits.tsv",
+        preprocessed=preprocessed_files,
+        lumens=truth_lumens,
+    output:
+        table=report(
+            f"{RES}/tables/ceiling.tsv",
+            caption="../report/ceiling.rst",
+            category="Tables",
+        ),
+        scores=f"{RES}/tables/ceiling.scores.tsv",
+    log:
+        f"{RES}/logs/ceiling.log",
+    benchmark:
+        f"{RES}/benchmarks/ceiling.tsv"
+    conda:
+        "../../envs/evaluate.yaml"
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=30,
+    params:
+        pre=input_dir("preprocessed"),
+        truth=f"{SYNTH_DIR}/truth",
+        cfg=section("ceiling"),
+    shell:
+        "cpmn ceiling --splits {input.splits} --preprocessed-dir {params.pre} --truth-dir {params.truth}"
+        " --out {output.table} --params {params.cfg:q} > {log} 2>&1"
