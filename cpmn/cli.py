@@ -25,6 +25,10 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "train": ("cpmn.train", "train one variant (single or dual pathway)"),
     "infer": ("cpmn.infer", "sliding-window inference: patient probability, mask and CAM"),
     "ceiling": ("cpmn.phantom.observer", "the phantom's ceiling: a truth-informed observer's AUC per phase"),
+    "curves": (
+        "cpmn.evaluate.curves",
+        "training curves of every variant (loss terms, validation AUC and Dice)",
+    ),
     "evaluate": ("cpmn.evaluate.cli", "metrics, statistics, Table 1, Table 2 and Fig. 2"),
 }
 

@@ -72,7 +72,7 @@ TRAIN_DEFAULTS: dict[str, Any] = {
     "pos_fraction": 0.5,
 }
 PATCH_DEFAULTS: dict[str, Any] = {"size": list(DEFAULT_PATCH)}
-LOG_COLUMNS = ("epoch", *TERMS, "lr", "val_auc", "seconds")
+LOG_COLUMNS = ("epoch", *TERMS, "lr", "val_auc", "val_dice", "seconds")
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -241,8 +241,22 @@ def train_variant(
     model_cfg = {**MODEL_DEFAULTS, **(cfg.get("model") or {})}
     tcfg = {**TRAIN_DEFAULTS, **(cfg.get("train") or {})}
     pcfg = {**PATCH_DEFAULTS, **(cfg.get("patches") or {})}
+    from cpmn.evaluate.metrics import dice as mask_dice
     from cpmn.infer import DEFAULTS as INFER_DEFAULTS
     from cpmn.infer import patient_score
+    from cpmn.infer import segment as _segment
+    from cpmn.variants import trains_segmentation
+
+    segments = trains_segmentation(entry)
+
+    def val_segment(pathway, volume, patch, params, dev):
+        vol = torch.from_numpy(np.ascontiguousarray(volume, dtype=np.float32))[None, None].to(dev)
+        was = pathway.training
+        pathway.eval()
+        try:
+            return _segment(pathway, vol, patch, params).cpu()
+        finally:
+            pathway.train(was)
 
     # the validation score: infer.score or the variant's own (a bad pairing fails here; `cpmn train` names it)
     icfg = variant_score(entry, {**INFER_DEFAULTS, **(cfg.get("infer") or {})})
@@ -274,7 +288,7 @@ def train_variant(
         vol = load_patient(pid, preprocessed_dir)
         if int(vol["label"]) not in (0, 1):
             raise InputError(pid, Path(preprocessed_dir) / f"{pid}.npz", "label must be 0 or 1")
-        val_data.append((pid, vol[phase], int(vol["label"]), vol.get("spacing")))
+        val_data.append((pid, vol[phase], int(vol["label"]), vol.get("spacing"), vol["mask"]))
     dataset = PatchDataset(
         train_ids,
         preprocessed_dir,
@@ -361,10 +375,20 @@ def train_variant(
         bar.close()
 
         pathway = model.pathway(phase)
-        scores = [patient_score(pathway, v, sp, patch_size, icfg, device)[0] for _, v, _, sp in val_data]
-        auc = patient_auc([lab for _, _, lab, _ in val_data], scores)
+        scores, dices = [], []
+        for _, v, lab, sp, ref in val_data:
+            score, mask = patient_score(pathway, v, sp, patch_size, icfg, device)
+            scores.append(score)
+            if lab == 1 and segments:
+                if mask is None:  # a score that needs no mask: segment for the curve's Dice only
+                    mask = val_segment(pathway, v, patch_size, icfg, device)
+                dices.append(mask_dice(np.asarray(mask), ref))
+        auc = patient_auc([d[2] for d in val_data], scores)
+        dice = float(np.nanmean(dices)) if dices and not np.isnan(dices).all() else float("nan")
         row = {"epoch": epoch + 1, **{k: sums[k] / spe for k in TERMS}}
-        row.update(lr=float(sched.get_last_lr()[0]), val_auc=auc, seconds=time.perf_counter() - t0)
+        row.update(
+            lr=float(sched.get_last_lr()[0]), val_auc=auc, val_dice=dice, seconds=time.perf_counter() - t0
+        )
         rows.append(row)
         # Ties go to the later epoch: on a small validation split the AUC often repeats, and the later
         # checkpoint has seen more data.

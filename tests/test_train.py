@@ -175,6 +175,7 @@ def test_resume_after_kill_equals_straight_run(cohort, tmp_path):
         "L_total",
         "lr",
         "val_auc",
+        "val_dice",
         "seconds",
     ]
     assert [r["epoch"] for r in rows] == ["1", "2"]
@@ -217,6 +218,22 @@ def test_model_pt_is_the_best_validation_epoch(cohort, tmp_path, monkeypatch, va
     last = _weights(tmp_path / "m" / "last.pt")
     same = all(torch.equal(best["model"][k], last[k]) for k in last)
     assert same == (best_epoch == len(val_scores))
+
+
+def test_val_dice_is_the_mean_over_validation_pe_patients(cohort, tmp_path, monkeypatch):
+    """val_dice of train_log: Dice of the mask the validation score produced against the annotation,
+    over the PE patients of the validation split (p0 here); half the embolus predicted -> 2/3."""
+    import cpmn.infer
+
+    with np.load(cohort["pre"] / "p0.npz") as z:
+        ref = z["mask"].copy()
+    half = ref.copy()
+    half[:20] = 0  # the block spans x 16:24: keep 20:24, half of it
+    monkeypatch.setattr(cpmn.infer, "patient_score", lambda *a, **k: (0.5, torch.from_numpy(half)))
+    _run(cohort, tmp_path / "d", _config(epochs=1, steps_per_epoch=1), progress=False)
+    with open(tmp_path / "d" / "train_log.tsv") as fh:
+        row = next(csv.DictReader(fh, delimiter="\t"))
+    assert float(row["val_dice"]) == pytest.approx(2 / 3, rel=1e-5)
 
 
 def test_seed_determinism_and_inference_pathway(cohort, tmp_path):

@@ -43,7 +43,7 @@ DEFAULTS: dict[str, Any] = {
     "years": [2020, 2021, 2022],
     "extra_series_fraction": 0.3,
     "clots_per_patient": [2, 5],
-    "nct_clot_contrast_hu": [10, 25],
+    "nct_clot_contrast_hu": [20, 40],
     "nct_occult_fraction": 0.2,
     "clot_generation_weights": [0.4, 0.45, 0.15],
     "occlusive_fraction": 0.6,

@@ -196,6 +196,7 @@ def final_outputs():
         f"{RES}/figures/fig2b_case.png",
         f"{RES}/stats.json",
         f"{RES}/qc/registration.tsv",
+        f"{RES}/figures/training_curves.png",
     ]
     if SYNTHETIC:
         out.append(f"{RES}/tables/ceiling.tsv")

@@ -84,3 +84,30 @@ rule ceiling:
     shell:
         "cpmn ceiling --splits {input.splits} --preprocessed-dir {params.pre} --truth-dir {params.truth}"
         " --out {output.table} --params {params.cfg:q} > {log} 2>&1"
+
+
+rule training_curves:
+    input:
+        logs=expand(f"{RES}/models/{{variant}}/train_log.tsv", variant=VARIANTS),
+    output:
+        report(
+            f"{RES}/figures/training_curves.png",
+            caption="../report/training_curves.rst",
+            category="Training",
+        ),
+    log:
+        f"{RES}/logs/training_curves.log",
+    benchmark:
+        f"{RES}/benchmarks/training_curves.tsv"
+    conda:
+        "../../envs/evaluate.yaml"
+    threads: 1
+    resources:
+        mem_mb=1000,
+        runtime=10,
+    params:
+        logs=expand(
+            f"{{variant}}={RES}/models/{{variant}}/train_log.tsv", variant=VARIANTS
+        ),
+    shell:
+        "cpmn curves --logs {params.logs} --out {output} > {log} 2>&1"
