@@ -6,8 +6,10 @@ Prints, from one run: the step time (forward, Eq. 5 loss, backward, Adam step) o
 (variant ``nct``) and of the dual pathway (variant ``cpmn``) at the default CPU patch and batch (config.yaml)
 and their ratio (goal: dual <= 2.1x single); the loader's patches/s (``PatchDataset`` over fake patients of
 the phantom's preprocessed size, MONAI crops and augmentation) against the trainer's consumption
-(batch / dual step time; goal >= 3x). With CUDA also the bf16 dual step time and peak memory at the paper's
-224x224x96 with batch 6 (halved until it fits), with the paper's model section (config/paper.yaml).
+(batch / dual step time; goal >= 3x); the FLOPs of a step (``torch.utils.flop_counter``) over its time
+against this machine's rate on one large conv3d (the ratio says how much of the CPU the step uses). With
+CUDA also the bf16 dual step time and peak memory at the paper's 224x224x96 with batch 6 (halved until it
+fits), with the paper's model section (config/paper.yaml).
 """
 
 from __future__ import annotations
@@ -70,6 +72,42 @@ def step_time(variant, cfg, size, batch, steps, warmup, device, amp_dtype=None):
     return statistics.median(times), min(times), peak
 
 
+def step_flops(variant, cfg, size, batch) -> float:
+    """FLOPs of one training step (forward + backward) from ``torch.utils.flop_counter`` (counts conv, matmul
+    and the like; 2 FLOPs per multiply-add)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    torch.manual_seed(0)
+    model, loss_fn = build_variant(variant, cfg)
+    b = fake_batch(size, batch, torch.device("cpu"))
+    with FlopCounterMode(display=False) as counter:
+        total, _ = loss_fn(model(b), b["mask"], b["label"])
+        total.backward()
+    return float(counter.get_total_flops())
+
+
+def conv3d_rate(repeats: int = 5) -> tuple[float, float]:
+    """The machine's conv3d rate (FLOP/s, best of ``repeats``) on one large layer: 32 -> 32 channels, 3^3
+    kernel, batch 4 of 48^3 (the size of the network's first stages); and its FLOPs per call."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    conv = torch.nn.Conv3d(32, 32, 3, padding=1)
+    x = torch.rand(4, 32, 48, 48, 48)
+    with torch.no_grad():
+        with FlopCounterMode(display=False) as counter:
+            conv(x)
+        flops = float(counter.get_total_flops())
+        conv(x)
+        best = min(_timed(conv, x) for _ in range(repeats))
+    return flops / best, flops
+
+
+def _timed(fn, x) -> float:
+    t0 = time.perf_counter()
+    fn(x)
+    return time.perf_counter() - t0
+
+
 def loader_rate(size, n_samples=48, patients=4, shape=(64, 48, 41)):
     """Patches per second of ``PatchDataset`` (num_workers = 0) over fake preprocessed patients."""
     rng = np.random.default_rng(0)
@@ -122,6 +160,14 @@ def main() -> None:
     res["dual_over_single_cpu"] = res["dual_cpu_s"] / res["single_cpu_s"]
     res["dual_over_single"] = res["dual_s"] / res["single_s"]
     res["dual_over_single_min"] = res["dual_min_s"] / res["single_min_s"]
+    res["single_step_gflop"] = step_flops("nct", cfg, size, batch) / 1e9
+    res["dual_step_gflop"] = step_flops("cpmn", cfg, size, batch) / 1e9
+    res["conv3d_gflop_per_s"], _ = (v / 1e9 for v in conv3d_rate())
+    res["single_gflop_per_s"] = res["single_step_gflop"] / res["single_min_s"]
+    res["dual_gflop_per_s"] = res["dual_step_gflop"] / res["dual_min_s"]
+    res["single_over_conv3d"] = res["single_gflop_per_s"] / res["conv3d_gflop_per_s"]
+    res["dual_over_conv3d"] = res["dual_gflop_per_s"] / res["conv3d_gflop_per_s"]
+    res["single_patches_per_s"] = batch / res["single_min_s"]
     res["loader_patches_per_s"], res["npz_load_s_per_patient"] = loader_rate(size)
     res["trainer_patches_per_s"] = batch / res["dual_s"]
     res["loader_over_trainer"] = res["loader_patches_per_s"] / res["trainer_patches_per_s"]
@@ -139,6 +185,17 @@ def main() -> None:
         f"  loader {res['loader_patches_per_s']:.1f} patches/s vs trainer {res['trainer_patches_per_s']:.2f}"
         f" patches/s: {res['loader_over_trainer']:.1f}x (goal >= 3);"
         f" npz load {res['npz_load_s_per_patient']:.2f} s/patient"
+    )
+    print(
+        f"  FLOPs per step: single {res['single_step_gflop']:.2f} GFLOP,"
+        f" dual {res['dual_step_gflop']:.2f} GFLOP;"
+        f" one large conv3d runs at {res['conv3d_gflop_per_s']:.1f} GFLOP/s on this machine"
+    )
+    print(
+        f"  achieved: single {res['single_gflop_per_s']:.1f} GFLOP/s"
+        f" ({100 * res['single_over_conv3d']:.0f}% of conv3d),"
+        f" dual {res['dual_gflop_per_s']:.1f} GFLOP/s ({100 * res['dual_over_conv3d']:.0f}%);"
+        f" single pathway {res['single_patches_per_s']:.1f} patches/s"
     )
     if torch.cuda.is_available():
         dev = torch.device("cuda")
