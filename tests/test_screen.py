@@ -116,11 +116,11 @@ def test_screen_cohort_cases(cohort, capsys):
     assert "off the CTPA series grid by 2.00 voxel" in got[("X4", "mask")][1]
     assert "mask shape (48, 48, 20) != CTPA grid (48, 48, 24)" in got[("X5", "mask")][1]
     assert got[("X6", "mask")][1] == "empty mask on a PE patient (label 1)"
-    assert (ex["patient_id"] == "D1").sum() == 2 and "duplicate patient_id (rows 10, 11)" in got[
+    assert (ex["patient_id"] == "D1").sum() == 2 and "duplicate patient_id (data rows 10, 11)" in got[
         ("D1", "sheet")
     ][1]
-    assert "row 12: column label" in got[("S1", "sheet")][1]
-    assert "row 13: column study_date" in got[("S2", "sheet")][1]
+    assert "data row 12 (line 13): column label" in got[("S1", "sheet")][1]
+    assert "data row 13 (line 14): column study_date" in got[("S2", "sheet")][1]
     assert got[("X7", "mask")][1].startswith("mask is not a readable NIfTI")
     assert got[("X8", "mask")][1] == "mask must contain only 0 and 1, found [0, 2]"
     assert len(ex) == 12
@@ -162,10 +162,12 @@ def test_validate_sheet_messages():
     )
     errs = validate_sheet(df)
     assert len(errs) == 4
-    assert errs[0].startswith("row 2 (patient A 2): column label:")
-    assert errs[1].startswith("row 2 (patient A 2): column patient_id:")
-    assert errs[2].startswith("row 3 (patient A3): column ctpa_mask:")  # PE patient needs a mask
-    assert errs[3].startswith("row 4 (patient A4): column study_date:")
+    assert errs[0].startswith("data row 2 (line 3) (patient A 2): column label:")
+    assert errs[1].startswith("data row 2 (line 3) (patient A 2): column patient_id:")
+    assert errs[2].startswith(
+        "data row 3 (line 4) (patient A3): column ctpa_mask:"
+    )  # PE patient needs a mask
+    assert errs[3].startswith("data row 4 (line 5) (patient A4): column study_date:")
     assert validate_sheet(df.drop(columns=["label"])) == ["column label: missing from the sheet"]
 
 
@@ -193,6 +195,7 @@ def test_cli_and_unusable_sheet(cohort, tmp_path, capsys):
             excluded=str(tmp_path / "e.tsv"),
             phases=("nct",),
             exclude=[],
+            readers=None,
             config=[],
             params=None,
         )
@@ -214,3 +217,53 @@ def test_cli_and_unusable_sheet(cohort, tmp_path, capsys):
 def test_defaults_match_config():
     cfg = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())["convert"]
     assert cfg == {k: DEFAULTS[k] for k in cfg} and set(cfg) == set(DEFAULTS)
+
+
+def _tiny_sheet(tmp_path, sep="\t"):
+    sheet = tmp_path / "sheet.tsv"
+    cols = ["patient_id", "label", "study_date", "nct_dicom", "ctpa_dicom", "ctpa_mask"]
+    rows = [["H1", "1", "2020-01-02", "d1", "d1", "m1.nii.gz"], ["H2", "0", "10/04/2020", "d2", "d2", ""]]
+    sheet.write_text("\n".join(sep.join(r) for r in [cols, *rows]) + "\n")
+    return sheet
+
+
+@pytest.mark.parametrize(
+    ("body", "want"),
+    [
+        (
+            "H1\tr1\tyes\n",
+            r"readers file, data row 1 \(line 2\), reader r1, patient H1: decision must be 0 or 1",
+        ),
+        (
+            "H1\tr1\t1\nH9\tr1\t0\n",
+            r"readers file, data row 2 \(line 3\): patient 'H9' is not in the cohort sheet",
+        ),
+        (
+            "H1\tr1\t1\nH1\tr1\t0\n",
+            r"readers file, data row 2 \(line 3\), reader r1, patient H1: duplicate patient",
+        ),
+    ],
+)
+def test_a_bad_readers_file_stops_screening_naming_the_file_and_row(tmp_path, body, want):
+    sheet = _tiny_sheet(tmp_path)
+    readers = tmp_path / "readers.tsv"
+    readers.write_text("patient_id\treader\tdecision\n" + body)
+    inc, exc = tmp_path / "inc.tsv", tmp_path / "exc.tsv"
+    with pytest.raises(InputError, match=r"^patient \?: .*readers.tsv: " + want) as info:
+        screen_cohort(sheet, inc, exc, readers=readers)
+    assert info.value.patient == "?"  # the readers file is at fault: no cohort.exclude advice follows
+    assert not inc.exists() and not exc.exists()
+
+
+def test_sheet_messages_name_the_date_format_and_a_comma_separated_sheet(tmp_path, capsys):
+    sheet = _tiny_sheet(tmp_path)
+    screen_cohort(sheet, tmp_path / "inc.tsv", tmp_path / "exc.tsv")
+    err = capsys.readouterr().err
+    assert "EXCLUDED patient H2: " in err and "data row 2 (line 3): column study_date:" in err
+    assert "(expected YYYY-MM-DD, e.g. 2020-04-10)" in err
+    csv_sheet = _tiny_sheet(tmp_path, sep=",")
+    with pytest.raises(
+        InputError,
+        match=r"lacks column\(s\) .*the sheet is read as tab-separated, TSV; this header is comma-separated",
+    ):
+        screen_cohort(csv_sheet, tmp_path / "inc.tsv", tmp_path / "exc.tsv")

@@ -71,9 +71,9 @@ def test_own_cohort_sheet_bad_row_is_left_to_screening(tmp_path):
     )
     assert r.returncode == 0, r.stderr[-2000:]
     console = r.stdout + r.stderr
-    assert f"EXCLUDED patient P1: {good}: row 1: column label:" in console
+    assert f"EXCLUDED patient P1: {good}: data row 1 (line 2): column label:" in console
     assert f"EXCLUDED patient P2: {tmp_path / 'b'}: " in console
-    assert f"2 patient(s) excluded by screening: see {tmp_path}/res/qc/excluded.tsv" in console
+    assert f"2 row(s) excluded by screening (2 patient id(s)): see {tmp_path}/res/qc/excluded.tsv" in console
     bad = tmp_path / "bad.tsv"
     bad.write_text("patient_id\tlabel\nP1\t1\n")
     r = snakemake("-n", "--config", f"results={tmp_path}/res", f"cohort={{source: sheet, sheet: {bad}}}")

@@ -44,6 +44,36 @@ PATH_COLUMNS = ["nct_dicom", "ctpa_dicom", "ctpa_mask"]
 EXCLUDED_COLUMNS = ["patient_id", "stage", "file", "reason"]
 
 
+def row_ref(i: int) -> str:
+    """How a message names data row ``i`` (1-based, the first line under the header): the data row and the
+    line of the file a user sees in an editor."""
+    return f"data row {i} (line {i + 1})"
+
+
+def _message(err: jsonschema.ValidationError) -> str:
+    """A schema error's message, with the expected format where the schema names one."""
+    if err.validator == "format" and err.validator_value == "date":
+        return f"{err.message} (expected YYYY-MM-DD, e.g. 2020-04-10)"
+    return err.message
+
+
+def tab_hint(path: str | os.PathLike) -> str:
+    """`` (...)`` when the sheet's header looks comma- or semicolon-separated, else ``""``."""
+    try:
+        with open(path, encoding="utf-8", errors="replace") as fh:
+            header = fh.readline()
+    except OSError:
+        return ""
+    if "\t" not in header:
+        for sep, name in ((",", "comma"), (";", "semicolon")):
+            if sep in header:
+                return (
+                    f" (the sheet is read as tab-separated, TSV; this header is {name}-separated:"
+                    " save it as TSV)"
+                )
+    return ""
+
+
 def load_schema(path: str | os.PathLike = SCHEMA_PATH) -> dict[str, Any]:
     with open(path) as fh:
         return yaml.safe_load(fh)
@@ -69,8 +99,9 @@ def validate_sheet(df: pd.DataFrame, schema: dict[str, Any] | None = None) -> li
         schema: the row schema (default ``workflow/schemas/cohort.schema.yaml``).
 
     Returns:
-        One message per problem, ``row N (patient P): column C: <what is wrong>``; rows are numbered from 1
-        (the first data line under the header). Missing columns give ``column C: missing``.
+        One message per problem, ``data row N (line N+1) (patient P): column C: <what is wrong>``; data rows
+        are numbered from 1 (the first line under the header, line 2 of the file). Missing columns give
+        ``column C: missing``.
     """
     schema = schema or load_schema()
     missing = [c for c in COLUMNS if c not in df.columns]
@@ -84,7 +115,7 @@ def validate_sheet(df: pd.DataFrame, schema: dict[str, Any] | None = None) -> li
             col = (
                 err.path[0] if err.path else (err.validator_value[0] if err.validator == "required" else "-")
             )
-            errors.append(f"row {i} (patient {pid}): column {col}: {err.message}")
+            errors.append(f"{row_ref(i)} (patient {pid}): column {col}: {_message(err)}")
     return errors
 
 
@@ -170,6 +201,24 @@ def screen_row(
     return None
 
 
+def check_readers(path: str | os.PathLike, sheet_ids: set[str]) -> None:
+    """Validate the reader-study TSV (:func:`cpmn.evaluate.metrics.load_readers`) and that every patient
+    it reads is in the cohort sheet; raises :class:`InputError` naming the readers file and data row."""
+    from cpmn.evaluate.metrics import load_readers, read_tsv
+
+    path = Path(path)
+    load_readers(path)
+    _, rows = read_tsv(path)
+    for i, row in enumerate(rows, start=1):
+        pid = (row.get("patient_id") or "").strip()
+        if pid not in sheet_ids:
+            raise InputError(
+                None,
+                path,
+                f"readers file, data row {i} (line {i + 1}): patient {pid!r} is not in the cohort sheet",
+            )
+
+
 def screen_cohort(
     sheet_path: str | os.PathLike,
     out_included: str | os.PathLike,
@@ -177,6 +226,7 @@ def screen_cohort(
     params: dict[str, Any] | None = None,
     phases: Sequence[str] = PHASES,
     leave_out: Sequence[str] = (),
+    readers: str | os.PathLike | None = None,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Check every cohort-sheet row before conversion; write the included and excluded tables.
 
@@ -188,12 +238,15 @@ def screen_cohort(
         phases: phases every patient must have.
         leave_out: patient ids to leave out (``cohort.exclude``: e.g. one that failed a later stage),
             excluded with stage ``config``; an id not in the sheet is a warning.
+        readers: the reader-study TSV, checked here, before any training: its columns, 0/1 decisions, one
+            decision per reader and patient, and patient ids that exist in the sheet.
 
     Returns:
         (included, excluded) data frames as written.
 
     Raises:
-        InputError: the sheet itself cannot be read or lacks a required column.
+        InputError: the sheet itself cannot be read or lacks a required column, or the readers file is
+            bad (naming its data row); nothing is written then.
     """
     sheet_path = Path(sheet_path)
     try:
@@ -202,8 +255,12 @@ def screen_cohort(
         raise InputError(None, sheet_path, f"cannot read the cohort sheet: {err}") from err
     missing = [c for c in COLUMNS if c not in df.columns]
     if missing:
-        raise InputError(None, sheet_path, f"cohort sheet lacks column(s) {', '.join(missing)}")
+        raise InputError(
+            None, sheet_path, f"cohort sheet lacks column(s) {', '.join(missing)}{tab_hint(sheet_path)}"
+        )
     base = sheet_path.resolve().parent
+    if readers:
+        check_readers(readers, set(df["patient_id"]))
     excluded: list[dict[str, str]] = []
 
     def exclude(pid: str, stage: str, file: str, reason: str) -> None:
@@ -218,7 +275,9 @@ def screen_cohort(
         if errs:
             e = errs[0]
             col = e.path[0] if e.path else "-"
-            exclude(row["patient_id"], "sheet", str(sheet_path), f"row {i + 1}: column {col}: {e.message}")
+            exclude(
+                row["patient_id"], "sheet", str(sheet_path), f"{row_ref(i + 1)}: column {col}: {_message(e)}"
+            )
             bad_rows.add(i)
     counts = df["patient_id"].value_counts()
     for pid in counts[counts > 1].index:
@@ -226,7 +285,10 @@ def screen_cohort(
         for r in rows:
             if r - 1 not in bad_rows:
                 exclude(
-                    pid, "sheet", str(sheet_path), f"duplicate patient_id (rows {', '.join(map(str, rows))})"
+                    pid,
+                    "sheet",
+                    str(sheet_path),
+                    f"duplicate patient_id (data rows {', '.join(map(str, rows))})",
                 )
                 bad_rows.add(r - 1)
 
@@ -273,6 +335,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--exclude", nargs="*", default=[], metavar="ID", help="patient ids to leave out (cohort.exclude)"
     )
+    parser.add_argument(
+        "--readers",
+        default=None,
+        metavar="TSV",
+        help="reader-study TSV to check (reader, patient_id, decision)",
+    )
     add_config_arguments(parser)
 
 
@@ -280,9 +348,19 @@ def run(args: argparse.Namespace) -> int:
     params = resolve(args, "convert")
     try:
         inc, exc = screen_cohort(
-            args.sheet, args.included, args.excluded, params, phases=args.phases, leave_out=args.exclude
+            args.sheet,
+            args.included,
+            args.excluded,
+            params,
+            phases=args.phases,
+            leave_out=args.exclude,
+            readers=args.readers,
         )
     except InputError as err:
         return report(err)
-    print(f"screen: {len(inc)} included, {exc['patient_id'].nunique()} patients excluded", file=sys.stderr)
+    print(
+        f"screen: {len(inc)} included, {len(exc)} row(s) excluded"
+        f" ({exc['patient_id'].nunique()} patient id(s))",
+        file=sys.stderr,
+    )
     return 0

@@ -64,7 +64,7 @@ class Predictions:
         return None if col is None else col[i]
 
 
-def _read_tsv(path: Path) -> tuple[list[str], list[dict[str, str]]]:
+def read_tsv(path: Path) -> tuple[list[str], list[dict[str, str]]]:
     import csv
 
     try:
@@ -89,7 +89,7 @@ def load_predictions(path: str | Path, split: str | None = None) -> Predictions:
             file.
     """
     path = Path(path)
-    header, rows = _read_tsv(path)
+    header, rows = read_tsv(path)
     missing = [c for c in REQUIRED_COLUMNS if c not in header]
     if missing:
         raise InputError(None, path, f"missing column(s) {', '.join(missing)}")
@@ -146,19 +146,24 @@ def load_predictions(path: str | Path, split: str | None = None) -> Predictions:
 
 
 def load_readers(path: str | Path) -> dict[str, dict[str, int]]:
-    """Reader-study TSV ``reader, patient_id, decision (0/1)`` -> {reader: {patient_id: decision}}."""
+    """Reader-study TSV ``reader, patient_id, decision (0/1)`` -> {reader: {patient_id: decision}}.
+
+    A bad row raises :class:`InputError` naming the readers file, the data row and its line, and the
+    patient in the reason (not as the patient at fault: the readers file is, so no ``cohort.exclude``
+    advice follows it)."""
     path = Path(path)
-    header, rows = _read_tsv(path)
+    header, rows = read_tsv(path)
     missing = [c for c in READER_COLUMNS if c not in header]
     if missing:
-        raise InputError(None, path, f"missing column(s) {', '.join(missing)}")
+        raise InputError(None, path, f"readers file: missing column(s) {', '.join(missing)}")
     out: dict[str, dict[str, int]] = {}
-    for row in rows:
+    for i, row in enumerate(rows, start=1):
         pid, reader, dec = ((row[k] or "").strip() for k in ("patient_id", "reader", "decision"))
+        where = f"readers file, data row {i} (line {i + 1}), reader {reader}, patient {pid}"
         if dec not in ("0", "1", "0.0", "1.0"):
-            raise InputError(pid, path, f"reader {reader}: decision must be 0 or 1, got {dec!r}")
+            raise InputError(None, path, f"{where}: decision must be 0 or 1, got {dec!r}")
         if pid in out.setdefault(reader, {}):
-            raise InputError(pid, path, f"reader {reader}: duplicate patient")
+            raise InputError(None, path, f"{where}: duplicate patient")
         out[reader][pid] = int(float(dec))
     if not out:
         raise InputError(None, path, "no rows")

@@ -26,6 +26,7 @@ rule synthesize_cohort:
 checkpoint screen_cohort:
     input:
         sheet=cohort_sheet(),
+        readers=readers_file(),
     output:
         included=INCLUDED_SHEET,
         excluded=report(
@@ -44,9 +45,10 @@ checkpoint screen_cohort:
     params:
         cfg=section("convert"),
         exclude=exclude_flag(),
+        readers=readers_flag,
     shell:
         "cpmn screen --sheet {input.sheet} --included {output.included} --excluded {output.excluded}"
-        " {params.exclude} --params {params.cfg:q} > {log} 2>&1"
+        " {params.exclude} {params.readers} --params {params.cfg:q} > {log} 2>&1"
 
 
 rule split:

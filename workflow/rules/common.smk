@@ -221,8 +221,18 @@ if not SYNTHETIC:
     )
     _missing = [c for c in _schema["required"] if c not in _columns]
     if _missing:
+        _header = Path(_sheet).read_text(errors="replace").partition("\n")[0]
+        _hint = next(
+            (
+                f" (the sheet is read as tab-separated, TSV; this header is {name}-separated:"
+                " save it as TSV)"
+                for sep, name in ((",", "comma"), (";", "semicolon"))
+                if "\t" not in _header and sep in _header
+            ),
+            "",
+        )
         raise WorkflowError(
-            f"cohort sheet {_sheet}: lacks column(s) {', '.join(_missing)}"
+            f"cohort sheet {_sheet}: lacks column(s) {', '.join(_missing)}{_hint}"
         )
 
 
@@ -268,7 +278,10 @@ def print_exclusions():
         )
     if len(table):
         ids = table["patient_id"].nunique()
-        print(f"{ids} patient(s) excluded by screening: see {path}", file=sys.stderr)
+        print(
+            f"{len(table)} row(s) excluded by screening ({ids} patient id(s)): see {path}",
+            file=sys.stderr,
+        )
 
 
 FAILED_JOB = "Error in rule "  # how the Snakemake log opens a failed job's block
