@@ -6,6 +6,7 @@ import csv
 import json
 import math
 import re
+import shutil
 from pathlib import Path
 
 import nibabel as nib
@@ -504,3 +505,35 @@ def test_a_truncated_mask_is_one_error_naming_patient_and_file(tmp_path):
     (tmp_path / "m.nii.gz").write_bytes(data[: len(data) // 2])
     with pytest.raises(InputError, match=r"^patient T3: .*m.nii.gz: cannot read mask NIfTI \(EOFError"):
         M.load_mask(tmp_path / "m.nii.gz", "T3")
+
+
+def test_a_failed_evaluate_leaves_no_table_of_an_earlier_run(study, tmp_path):
+    root = shutil.copytree(study[0], tmp_path / "s")
+    tables, figures, broken = root / "tables", root / "figures", root / "predictions"
+    (broken / list(VARIANTS)[-1] / "test.tsv").write_text("patient_id\tlabel\n")  # no prob column
+    preds = {v: broken / v for v in VARIANTS}
+    with pytest.raises(InputError):
+        evaluate_study(preds, tables, figures, root / "stats.json", cfg=FAST)
+    left = sorted(p.name for p in [*tables.iterdir(), *figures.iterdir()])
+    assert not [
+        n for n in left if n.split(".")[0] in ("table1_ablation", "table2_comparison", "fig2a_roc")
+    ], left
+
+
+def test_a_tiny_validation_split_is_warned_about(study, tmp_path):
+    root = shutil.copytree(study[0], tmp_path / "s")
+    preds = root / "predictions"
+    for v in VARIANTS:
+        lines = (preds / v / "val.tsv").read_text().splitlines()
+        header = lines[0].split("\t")
+        lab = header.index("label")
+        pe = next(x for x in lines[1:] if x.split("\t")[lab] == "1")
+        normal = next(x for x in lines[1:] if x.split("\t")[lab] == "0")
+        (preds / v / "val.tsv").write_text("\n".join([lines[0], pe, normal]) + "\n")
+    out = evaluate_study(
+        {v: preds / v for v in VARIANTS}, tmp_path / "t", tmp_path / "f", tmp_path / "s.json", cfg=FAST
+    )
+    assert any(
+        w.startswith("validation split has 1 PE and 1 normal patient(s) (fewer than 3")
+        for w in out["warnings"]
+    )

@@ -66,6 +66,13 @@ def _load_variant(variant: str, folder: Path, need_val: bool) -> tuple[M.Predict
     return test, val
 
 
+#: the outputs of :func:`evaluate_study` (stems; each in several formats)
+OUTPUT_TABLES = ("table1_ablation", "table2_comparison", "score_comparison")
+OUTPUT_FIGURES = ("fig2a_roc", "fig2b_case")
+#: fewer validation patients than this in a class: the threshold choice is warned about
+MIN_VAL_PER_CLASS = 3
+
+
 def evaluate_study(
     predictions: Mapping[str, str | Path],
     out_tables: str | Path,
@@ -94,12 +101,29 @@ def evaluate_study(
         InputError: bad or missing input, naming the patient and the file.
     """
     c = deep_merge(DEFAULTS, cfg or {})
+    # A failed run leaves no table or figure of an earlier run beside the new ones: every format goes first.
+    for folder, stems in ((out_tables, OUTPUT_TABLES), (out_figures, OUTPUT_FIGURES)):
+        for stem in stems:
+            for ext in ("tsv", "md", "tex", "png", "pdf"):
+                (Path(folder) / f"{stem}.{ext}").unlink(missing_ok=True)
+    Path(stats_path).unlink(missing_ok=True)
     warnings: list[str] = []
     need_val = c["threshold"] != "fixed"
     evals: dict[str, M.VariantEval] = {}
+    first_val = None
     for v, folder in predictions.items():
         test, val = _load_variant(v, Path(folder), need_val)
         evals[v] = M.evaluate_variant(v, test, val, c)
+        first_val = first_val if first_val is not None else val
+    if first_val is not None:
+        n_pe = int(first_val.label.sum())
+        n_normal = len(first_val.label) - n_pe
+        if min(n_pe, n_normal) < MIN_VAL_PER_CLASS:
+            warnings.append(
+                f"validation split has {n_pe} PE and {n_normal} normal patient(s) (fewer than"
+                f" {MIN_VAL_PER_CLASS} of a class): the {c['threshold']} decision threshold rests on them, so"
+                " Sens/Spec (not AUC) are unreliable; enlarge split.val_fraction"
+            )
 
     ref1, ref2 = c["table1_reference"], c["table2"]["reference"]
     pairs: list[tuple[str, str]] = []
