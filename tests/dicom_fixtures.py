@@ -24,8 +24,13 @@ SHARED = Path(__file__).resolve().parents[2] / "shared"
 REAL = SHARED / "data" / "real"
 
 
-def chest_volume(blood_hu: float, shape=SHAPE, affine=AFFINE) -> np.ndarray:
-    """(X, Y, Z) HU phantom; the blood-pool disk is placed anterior of centre in world space."""
+#: the default embolus box of :func:`write_mask`; in the CTPA series it is a 40 HU filling defect
+CLOT_BOX = ((20, 26), (20, 26), (10, 14))
+
+
+def chest_volume(blood_hu: float, shape=SHAPE, affine=AFFINE, clot_box=None) -> np.ndarray:
+    """(X, Y, Z) HU phantom; the blood-pool disk is placed anterior of centre in world space; ``clot_box``
+    (voxel ranges) is set to 40 HU (an embolus in the enhanced blood pool)."""
     nx, ny, nz = shape
     i, j = np.meshgrid(np.arange(nx), np.arange(ny), indexing="ij")
     cx, cy = (nx - 1) / 2, (ny - 1) / 2
@@ -43,6 +48,9 @@ def chest_volume(blood_hu: float, shape=SHAPE, affine=AFFINE) -> np.ndarray:
     sl[disk] = blood_hu
     vol = np.repeat(sl[:, :, None], nz, axis=2)
     vol[:, :, [0, nz - 1]] = np.where(body[:, :, None], 0.0, -1000.0)  # caps without blood pool
+    if clot_box is not None:
+        (a, b), (c, d), (e, f) = clot_box
+        vol[a:b, c:d, e:f] = 40.0
     return vol
 
 
@@ -60,7 +68,7 @@ def write_phase(
 ) -> list[Path]:
     """Write one series of the chest phantom into ``folder``."""
     return write_series(
-        chest_volume(blood_hu, shape, affine),
+        chest_volume(blood_hu, shape, affine, kw.pop("clot_box", None)),
         affine,
         folder,
         patient_id=pid,
@@ -89,7 +97,9 @@ def write_patient(
     if nct:
         out["nct"] = write_phase(folder, pid, blood_hu=NCT_HU, description=nct_desc, series_number=2)
     if ctpa:
-        out["ctpa"] = write_phase(folder, pid, blood_hu=CTPA_HU, description=ctpa_desc, series_number=3)
+        out["ctpa"] = write_phase(
+            folder, pid, blood_hu=CTPA_HU, description=ctpa_desc, series_number=3, clot_box=CLOT_BOX
+        )
     if localizer:
         out["localizer"] = write_phase(
             folder,
@@ -103,7 +113,7 @@ def write_patient(
     return out
 
 
-def write_mask(path: Path, shape=SHAPE, affine=AFFINE, box=((20, 26), (20, 26), (10, 14))) -> Path:
+def write_mask(path: Path, shape=SHAPE, affine=AFFINE, box=CLOT_BOX) -> Path:
     """uint8 mask on the CTPA grid with a box of ones (empty when ``box`` is None)."""
     m = np.zeros(shape, np.uint8)
     if box is not None:

@@ -13,6 +13,7 @@ import pydicom
 import pytest
 from dicom_fixtures import (
     AFFINE,
+    CLOT_BOX,
     CTPA_HU,
     NCT_HU,
     REAL,
@@ -80,7 +81,7 @@ def test_picks_by_rule_and_preference(tmp_path):
         {"file": str(src / "SR_0001.dcm"), "reason": "DICOM object without image (Basic Text SR Storage)"},
     ]
     # geometry and HU survive: same world grid as the phantom after reorientation
-    ref_aff, ref = _canon(nib.Nifti1Image(chest_volume(CTPA_HU), AFFINE))
+    ref_aff, ref = _canon(nib.Nifti1Image(chest_volume(CTPA_HU, clot_box=CLOT_BOX), AFFINE))
     aff, got = _canon(nib.load(out / "ctpa.nii.gz"))
     np.testing.assert_allclose(aff, ref_aff, atol=1e-3)
     np.testing.assert_allclose(got, ref, atol=0.5)

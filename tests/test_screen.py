@@ -267,3 +267,26 @@ def test_sheet_messages_name_the_date_format_and_a_comma_separated_sheet(tmp_pat
         match=r"lacks column\(s\) .*the sheet is read as tab-separated, TSV; this header is comma-separated",
     ):
         screen_cohort(csv_sheet, tmp_path / "inc.tsv", tmp_path / "exc.tsv")
+
+
+def test_a_mask_that_misses_the_filling_defect_is_excluded_with_the_measured_reason(tmp_path, capsys):
+    """Another patient's annotation (a box in the right lung here, on the right grid) is excluded: none of
+    its voxels is at clot HU next to enhanced blood; the patient's own (the 40 HU defect) passes."""
+    write_patient(tmp_path / "dicom/S1", "S1")
+    write_mask(tmp_path / "masks/own.nii.gz")
+    write_mask(tmp_path / "masks/other.nii.gz", box=((6, 12), (20, 26), (10, 14)))
+    rows = [_row("S1", "1", nct="dicom/S1", mask="masks/own.nii.gz")]
+    rows.append({**_row("S2", "1", nct="dicom/S1", mask="masks/other.nii.gz")})
+    sheet = tmp_path / "sheet.tsv"
+    pd.DataFrame(rows).to_csv(sheet, sep="\t", index=False)
+    inc, exc = screen_cohort(sheet, tmp_path / "i.tsv", tmp_path / "e.tsv")
+    assert inc.patient_id.tolist() == ["S1"]
+    (reason,) = exc.reason[exc.patient_id == "S2"]
+    assert (
+        reason.startswith("mask implausible for its CTPA (series ")
+        and ": 0% of its 144 voxels are at" in reason
+    )
+    off = screen_cohort(
+        sheet, tmp_path / "i.tsv", tmp_path / "e.tsv", params={"mask_plausible_fraction": 0.0}
+    )
+    assert off[0].patient_id.tolist() == ["S1", "S2"]  # 0 turns the check off

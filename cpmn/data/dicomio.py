@@ -41,6 +41,7 @@ DEFAULTS: dict[str, Any] = {
     "min_slices": 20,
     "axial_max_angle_deg": 30.0,
     "heuristic_slices": 7,
+    "mask_plausible_fraction": 0.6,
 }
 
 PHASES = ("nct", "ctpa")

@@ -12,7 +12,9 @@ Per row, in order (the first failure excludes the row; the rest of the cohort go
 3. ``phase``: each requested phase has exactly one best series (rules first, the blood-pool heuristic on a
    few slices only when the rules do not decide).
 4. ``mask``: the mask loads, sits on the CTPA series grid (same shape and world corners within half a voxel,
-   allowing axis flips/permutations), and is not empty for a PE patient (label 1).
+   allowing axis flips/permutations), is not empty for a PE patient (label 1), and is plausible for its
+   CTPA (:func:`mask_plausibility`: at least ``mask_plausible_fraction`` of its voxels at clot-like HU
+   next to contrast-enhanced blood).
 
 Outputs: ``included`` (the sheet's columns, paths made absolute) and ``excluded`` (patient_id, stage, file,
 reason). Each exclusion prints one line ``EXCLUDED patient P: <file>: <reason>`` to stderr.
@@ -35,7 +37,7 @@ import yaml
 
 from cpmn.config import add_config_arguments, resolve
 from cpmn.data.convert import parse_phases
-from cpmn.data.dicomio import PHASES, Series, scan_series, select_phases
+from cpmn.data.dicomio import PHASES, Series, params_with_defaults, scan_series, select_phases
 from cpmn.errors import InputError, atomic_path, report
 
 SCHEMA_PATH = Path(__file__).resolve().parents[2] / "workflow" / "schemas" / "cohort.schema.yaml"
@@ -149,7 +151,45 @@ def grid_mismatch(
     return None
 
 
-def _check_mask(pid: str, label: str, mask_path: Path, ctpa: Series) -> None:
+def ctpa_volume(series: Series) -> np.ndarray:
+    """``(X=columns, Y=rows, Z=slices)`` HU of a series, on the grid of :meth:`Series.ras_affine`."""
+    from cpmn.data.dicomio import read_hu_slice
+
+    return np.stack([read_hu_slice(h).T for h in series.slices], axis=-1)
+
+
+#: CTPA HU range of clot (clot 20-90 HU, with partial volume at its border); below is fat, lung or air,
+#: above is contrast-enhanced blood
+CLOT_HU = (-50.0, 150.0)
+#: an embolus voxel lies within this many voxels of enhanced blood (the lumen it occludes or narrows)
+NEAR_VOXELS = 4
+
+
+def mask_plausibility(
+    mask: np.ndarray, mask_affine: np.ndarray, ctpa_hu: np.ndarray, ctpa_affine: np.ndarray, vessel_hu: float
+) -> tuple[float, int]:
+    """``(fraction, voxels)``: the fraction of the mask's voxels at clot-like CTPA HU (:data:`CLOT_HU`)
+    within :data:`NEAR_VOXELS` voxels of contrast-enhanced blood (``> vessel_hu``), each mask voxel's centre
+    sampled at its nearest CTPA voxel. An embolus annotation is a filling defect of an enhanced artery;
+    another patient's mask lands on enhanced blood, lung or fat. On the default phantom (24 PE patients):
+    0.69–1.00 for the true masks, 0.00–0.48 for each patient's mask given to the next patient."""
+    from scipy import ndimage
+
+    idx = np.argwhere(mask > 0)
+    if not len(idx):
+        return 1.0, 0
+    world = nib.affines.apply_affine(mask_affine, idx)
+    vox = np.rint(nib.affines.apply_affine(np.linalg.inv(ctpa_affine), world)).astype(int)
+    at = tuple(np.clip(vox, 0, np.array(ctpa_hu.shape) - 1).T)
+    near = ndimage.binary_dilation(ctpa_hu > vessel_hu, iterations=NEAR_VOXELS)[at]
+    hu = ctpa_hu[at]
+    ok = near & (hu > CLOT_HU[0]) & (hu < CLOT_HU[1])
+    return float(ok.mean()), int(len(idx))
+
+
+def _check_mask(
+    pid: str, label: str, mask_path: Path, ctpa: Series, params: dict[str, Any] | None = None
+) -> None:
     try:
         img = nib.load(mask_path)
         shape = img.shape
@@ -170,6 +210,20 @@ def _check_mask(pid: str, label: str, mask_path: Path, ctpa: Series) -> None:
         raise InputError(pid, mask_path, f"mask must contain only 0 and 1, found {values[:5].tolist()}")
     if label == "1" and not np.any(data > 0):
         raise InputError(pid, mask_path, "empty mask on a PE patient (label 1)")
+    p = params_with_defaults(params)
+    need = float(p["mask_plausible_fraction"])
+    if need > 0 and np.any(data > 0):
+        vessel = float(p["contrast_threshold_hu"])
+        frac, n = mask_plausibility(data, img.affine, ctpa_volume(ctpa), ctpa.ras_affine(), vessel)
+        if frac < need:
+            raise InputError(
+                pid,
+                mask_path,
+                f"mask implausible for its CTPA (series {ctpa.key}): {100 * frac:.0f}% of its {n} voxels"
+                f" are at clot-like HU ({CLOT_HU[0]:g} to {CLOT_HU[1]:g}) within {NEAR_VOXELS} voxels of"
+                f" enhanced blood (> {vessel:g} HU), expected >="
+                f" {100 * need:.0f}% (another patient's mask? convert.mask_plausible_fraction)",
+            )
 
 
 def _resolve(base: Path, value: str) -> str:
@@ -195,7 +249,7 @@ def screen_row(
         return "phase", err
     if "ctpa" in chosen and row.get("ctpa_mask"):
         try:
-            _check_mask(pid, row["label"], Path(row["ctpa_mask"]), chosen["ctpa"])
+            _check_mask(pid, row["label"], Path(row["ctpa_mask"]), chosen["ctpa"], params)
         except InputError as err:
             return "mask", err
     return None
