@@ -196,6 +196,7 @@ def test_cli_and_unusable_sheet(cohort, tmp_path, capsys):
             phases=("nct",),
             exclude=[],
             readers=None,
+            overlays=None,
             config=[],
             params=None,
         )
@@ -279,8 +280,9 @@ def test_a_mask_that_misses_the_filling_defect_is_excluded_with_the_measured_rea
     rows.append({**_row("S2", "1", nct="dicom/S1", mask="masks/other.nii.gz")})
     sheet = tmp_path / "sheet.tsv"
     pd.DataFrame(rows).to_csv(sheet, sep="\t", index=False)
-    inc, exc = screen_cohort(sheet, tmp_path / "i.tsv", tmp_path / "e.tsv")
+    inc, exc = screen_cohort(sheet, tmp_path / "i.tsv", tmp_path / "e.tsv", overlays=tmp_path / "png")
     assert inc.patient_id.tolist() == ["S1"]
+    assert (tmp_path / "png" / "S1.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # one to look at
     (reason,) = exc.reason[exc.patient_id == "S2"]
     assert (
         reason.startswith("mask implausible for its CTPA (series ")

@@ -189,7 +189,7 @@ def mask_plausibility(
 
 def _check_mask(
     pid: str, label: str, mask_path: Path, ctpa: Series, params: dict[str, Any] | None = None
-) -> None:
+) -> tuple[np.ndarray, np.ndarray, float, np.ndarray] | None:
     try:
         img = nib.load(mask_path)
         shape = img.shape
@@ -214,7 +214,8 @@ def _check_mask(
     need = float(p["mask_plausible_fraction"])
     if need > 0 and np.any(data > 0):
         vessel = float(p["contrast_threshold_hu"])
-        frac, n = mask_plausibility(data, img.affine, ctpa_volume(ctpa), ctpa.ras_affine(), vessel)
+        hu = ctpa_volume(ctpa)
+        frac, n = mask_plausibility(data, img.affine, hu, ctpa.ras_affine(), vessel)
         if frac < need:
             raise InputError(
                 pid,
@@ -224,6 +225,8 @@ def _check_mask(
                 f" enhanced blood (> {vessel:g} HU), expected >="
                 f" {100 * need:.0f}% (another patient's mask? convert.mask_plausible_fraction)",
             )
+        return data, img.affine, frac, hu
+    return None
 
 
 def _resolve(base: Path, value: str) -> str:
@@ -233,10 +236,43 @@ def _resolve(base: Path, value: str) -> str:
     return str((p if p.is_absolute() else base / p).resolve())
 
 
+def write_overlay(
+    pid: str, mask: np.ndarray, mask_affine: np.ndarray, ctpa: Series, frac: float, hu: np.ndarray, out: Path
+) -> Path:
+    """A PNG of the mask's contour on the CTPA's axial slice holding most mask voxels (W400/L40)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    idx = np.argwhere(mask > 0)
+    vox = np.rint(
+        nib.affines.apply_affine(np.linalg.inv(ctpa.ras_affine()), nib.affines.apply_affine(mask_affine, idx))
+    )
+    vox = np.clip(vox.astype(int), 0, np.array(hu.shape) - 1)
+    on_ctpa = np.zeros(hu.shape, bool)
+    on_ctpa[tuple(vox.T)] = True
+    z = int(np.argmax(on_ctpa.sum(axis=(0, 1))))
+    fig, ax = plt.subplots(figsize=(5, 5))
+    ax.imshow(hu[:, :, z].T, cmap="gray", vmin=-160, vmax=240, origin="lower")
+    ax.contour(on_ctpa[:, :, z].T.astype(float), levels=[0.5], colors="red", linewidths=1.0, origin="lower")
+    ax.set_title(f"{pid}: mask on CTPA, slice {z} ({100 * frac:.0f}% plausible)", fontsize=9)
+    ax.axis("off")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out) as tmp:
+        fig.savefig(tmp, dpi=100, bbox_inches="tight", format="png")
+    plt.close(fig)
+    return out
+
+
 def screen_row(
-    row: dict[str, str], params: dict[str, Any] | None, phases: Sequence[str] = PHASES
+    row: dict[str, str],
+    params: dict[str, Any] | None,
+    phases: Sequence[str] = PHASES,
+    overlays: str | os.PathLike | None = None,
 ) -> tuple[str, InputError] | None:
-    """Screen one validated row whose paths are already absolute: ``None`` or ``(stage, error)``."""
+    """Screen one validated row whose paths are already absolute: ``None`` or ``(stage, error)``. With
+    ``overlays``, a PE patient's mask is drawn on its CTPA into ``overlays/{pid}.png`` (passed or not)."""
     pid = row["patient_id"]
     dirs = list(dict.fromkeys([row["nct_dicom"], row["ctpa_dicom"]]))
     try:
@@ -249,9 +285,12 @@ def screen_row(
         return "phase", err
     if "ctpa" in chosen and row.get("ctpa_mask"):
         try:
-            _check_mask(pid, row["label"], Path(row["ctpa_mask"]), chosen["ctpa"], params)
+            drawn = _check_mask(pid, row["label"], Path(row["ctpa_mask"]), chosen["ctpa"], params)
         except InputError as err:
             return "mask", err
+        if overlays is not None and drawn is not None:
+            mask, affine, frac, hu = drawn
+            write_overlay(pid, mask, affine, chosen["ctpa"], frac, hu, Path(overlays) / f"{pid}.png")
     return None
 
 
@@ -281,6 +320,7 @@ def screen_cohort(
     phases: Sequence[str] = PHASES,
     leave_out: Sequence[str] = (),
     readers: str | os.PathLike | None = None,
+    overlays: str | os.PathLike | None = None,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Check every cohort-sheet row before conversion; write the included and excluded tables.
 
@@ -294,6 +334,7 @@ def screen_cohort(
             excluded with stage ``config``; an id not in the sheet is a warning.
         readers: the reader-study TSV, checked here, before any training: its columns, 0/1 decisions, one
             decision per reader and patient, and patient ids that exist in the sheet.
+        overlays: folder for one PNG per screened PE patient: the mask on its CTPA (:func:`write_overlay`).
 
     Returns:
         (included, excluded) data frames as written.
@@ -357,7 +398,7 @@ def screen_cohort(
             exclude(row["patient_id"], "config", str(sheet_path), "listed in cohort.exclude")
             continue
         row = {k: (_resolve(base, v) if k in PATH_COLUMNS else v) for k, v in row.items()}
-        res = screen_row(row, params, phases)
+        res = screen_row(row, params, phases, overlays)
         if res is None:
             df.loc[df.index[i], PATH_COLUMNS] = [row[c] for c in PATH_COLUMNS]
             keep.append(i)
@@ -395,6 +436,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="TSV",
         help="reader-study TSV to check (reader, patient_id, decision)",
     )
+    parser.add_argument("--overlays", default=None, metavar="DIR", help="a PNG per PE patient: mask on CTPA")
     add_config_arguments(parser)
 
 
@@ -409,6 +451,7 @@ def run(args: argparse.Namespace) -> int:
             phases=args.phases,
             leave_out=args.exclude,
             readers=args.readers,
+            overlays=args.overlays,
         )
     except InputError as err:
         return report(err)

@@ -34,6 +34,7 @@ checkpoint screen_cohort:
             caption="../report/excluded.rst",
             category="Quality control",
         ),
+        overlays=directory(f"{RES}/qc/mask_overlays"),
     log:
         f"{RES}/logs/screen_cohort.log",
     conda:
@@ -48,7 +49,7 @@ checkpoint screen_cohort:
         readers=readers_flag,
     shell:
         "cpmn screen --sheet {input.sheet} --included {output.included} --excluded {output.excluded}"
-        " {params.exclude} {params.readers} --params {params.cfg:q} > {log} 2>&1"
+        " --overlays {output.overlays} {params.exclude} {params.readers} --params {params.cfg:q} > {log} 2>&1"
 
 
 rule split:
