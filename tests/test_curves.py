@@ -52,6 +52,8 @@ def test_curves_read_every_panel_and_draw_only_used_terms(tmp_path):
         for ax in drawn["axes"].flat
     }
     assert lines["L_clas"] == ["nct", "cpmn"] and lines["L_alig"] == ["cpmn"]  # nct has no L_alig
+    colour = {ax.get_title(): [ln.get_color() for ln in ax.get_lines()][:2] for ax in drawn["axes"].flat}
+    assert colour["L_alig"][0] == colour["L_clas"][1] == "C1"  # a variant keeps its colour in every panel
 
 
 def test_a_bad_log_is_one_error_naming_the_file(tmp_path):

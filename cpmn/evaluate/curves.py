@@ -55,12 +55,12 @@ def plot_curves(logs: Mapping[str, Mapping[str, list[float]]], out: str | Path) 
 
     fig, axes = plt.subplots(2, 4, figsize=(14, 6), constrained_layout=True)
     for ax, key in zip(axes.flat, PANELS, strict=True):
-        for variant, log in logs.items():
+        for k, (variant, log) in enumerate(logs.items()):
             ys = log[key]
             if key.startswith("L_") and key not in ("L_clas", "L_seg", "L_total"):
                 if all(math.isnan(v) or v == 0 for v in ys):
                     continue  # the variant does not use this term
-            ax.plot(log["epoch"], ys, marker="o", ms=3, label=variant)
+            ax.plot(log["epoch"], ys, marker="o", ms=3, label=variant, color=f"C{k % 10}")  # one colour each
         ax.set_title(TITLES.get(key, key))
         ax.set_xlabel("epoch")
         if key.startswith("val_"):
