@@ -64,7 +64,8 @@ def main() -> None:
         synth[key] = json.loads(value)
     params = resolve_params(synth)
     spacing = [args.spacing] * 3 if args.spacing else cfg["preprocess"]["spacing"]
-    jobs = [(params, i, spacing, cfg["preprocess"]["hu_window"], cfg["ceiling"]) for i in range(args.patients)]
+    window_hu, obs = cfg["preprocess"]["hu_window"], cfg["ceiling"]
+    jobs = [(params, i, spacing, window_hu, obs) for i in range(args.patients)]
     t0 = time.perf_counter()
     with ProcessPoolExecutor(2) as ex:
         rows = list(ex.map(one, jobs))
