@@ -204,7 +204,8 @@ def test_nct_clot_contrast_and_ctpa_vessel_hu(fine_pe):
     inside = np.stack([segment_distance(*xyz, c.p0, c.p1) < c.r - 1.5 for c in a["clots"]])  # (clots, voxels)
     measured = 0
     for n, c in enumerate(a["clots"]):
-        assert c.nct_contrast == 0 or 10 <= c.nct_contrast <= 25
+        lo, hi = C.DEFAULTS["nct_clot_contrast_hu"]
+        assert c.nct_contrast == 0 or lo <= c.nct_contrast <= hi
         own = inside[n] & (inside.sum(0) == 1)  # deep inside this clot and no other
         if not own.any():
             continue

@@ -356,6 +356,8 @@ def screen_cohort(
     base = sheet_path.resolve().parent
     if readers:
         check_readers(readers, set(df["patient_id"]))
+    if overlays is not None:
+        Path(overlays).mkdir(parents=True, exist_ok=True)  # the workflow's output, even with no PE patient
     excluded: list[dict[str, str]] = []
 
     def exclude(pid: str, stage: str, file: str, reason: str) -> None:
