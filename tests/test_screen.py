@@ -292,3 +292,25 @@ def test_a_mask_that_misses_the_filling_defect_is_excluded_with_the_measured_rea
         sheet, tmp_path / "i.tsv", tmp_path / "e.tsv", params={"mask_plausible_fraction": 0.0}
     )
     assert off[0].patient_id.tolist() == ["S1", "S2"]  # 0 turns the check off
+
+
+def test_two_phantom_patients_masks_swapped_are_implausible():
+    """Two PE patients of the default phantom: each annotation on its own CTPA is plausible (>= 0.6); the
+    masks swapped (grids a few mm apart, as the issue's 0.375-voxel case) are not."""
+    from cpmn.data.screen import mask_plausibility
+    from cpmn.phantom.cohort import generate_patient, plan_cohort, resolve_params
+
+    cfg = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())
+    params = resolve_params({**cfg["synthetic"], "patients": 12})
+    pe = np.flatnonzero(plan_cohort(params).label.to_numpy() == 1)[:2]
+    a, b = (generate_patient("unused", params, int(i), write=False, keep_arrays=True)["arrays"] for i in pe)
+    own = [
+        mask_plausibility(x["mask_ctpa"], x["ctpa_affine"], x["ctpa"], x["ctpa_affine"], 150)[0]
+        for x in (a, b)
+    ]
+    swapped = [
+        mask_plausibility(a["mask_ctpa"], a["ctpa_affine"], b["ctpa"], b["ctpa_affine"], 150)[0],
+        mask_plausibility(b["mask_ctpa"], b["ctpa_affine"], a["ctpa"], a["ctpa_affine"], 150)[0],
+    ]
+    need = cfg["convert"]["mask_plausible_fraction"]
+    assert min(own) >= need > max(swapped), (own, swapped)
