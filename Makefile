@@ -19,11 +19,11 @@ demo: $(STAMP)
 
 ## the fast test suite
 test: $(STAMP)
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q -rs
 
 ## everything, slow tests included (end-to-end run, real SLURM)
 test-all: $(STAMP)
-	$(BIN)/pytest -q -m "slow or not slow"
+	$(BIN)/pytest -q -rs -m "slow or not slow"
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

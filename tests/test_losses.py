@@ -96,6 +96,19 @@ def test_l_disc_value():
     assert float(L_disc()(feat, mask)) == pytest.approx(expected, abs=1e-6)
 
 
+def test_l_disc_on_an_embolus_free_batch_is_the_spread_about_the_background_centroid():
+    """No embolus voxel (most training patches of normals): one centre, the background centroid.
+    Features 1, 3 (one channel, two voxels): centroid 2, loss ½·((1-2)² + (3-2)²)/2 = 0.5; no NaN from the
+    empty embolus class."""
+    feat = torch.tensor([1.0, 3.0]).reshape(1, 1, 2, 1, 1)
+    mask = torch.zeros(1, 1, 2, 1, 1)
+    got = L_disc()(feat, mask)
+    assert torch.isfinite(got) and float(got) == pytest.approx(0.5)
+    # two channels, four voxels: centroid (0.5, 1), squared distances 1.25, 1.25, 1.25, 1.25 -> 0.625
+    feat = torch.tensor([[0.0, 1.0, 0.0, 1.0], [0.0, 0.0, 2.0, 2.0]]).reshape(1, 2, 4, 1, 1)
+    assert float(L_disc()(feat, torch.zeros(1, 1, 4, 1, 1))) == pytest.approx(0.625)
+
+
 def test_l_disc_normalized_by_hand_and_scale_free():
     # 4 voxels, 2 channels: background (3, 4), (0, 5); embolus (2, 0), (0, -1)
     feat = torch.tensor([[3.0, 0.0, 2.0, 0.0], [4.0, 5.0, 0.0, -1.0]]).reshape(1, 2, 1, 1, 4)
