@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import csv
 import math
 from pathlib import Path
@@ -317,6 +318,38 @@ def test_every_variant_builds_and_runs_one_step(cohort):
         if name == "nct_cls":  # classification only: the segmentation head gets no gradient
             head = model.pathway("nct").unet.segmentation_head[0].weight
             assert head.grad is None or not head.grad.abs().any()
+
+
+def test_dual_variants_transfer_to_omega2_only(cohort):
+    """Every dual variant with λ1 or λ2 > 0 logs a non-zero L_KL / L_alig, and in a full step (forward, Eq. 5,
+    backward) Ω1's gradients are exactly those of the same variant with λ1 = λ2 = 0: the transfer reaches Ω2
+    alone, while Ω2's gradients do change."""
+    cfg = _config()
+    ds = PatchDataset(["p0", "p1"], cohort["pre"], cohort["pat"], patch_size=P, aug_prob=0.0)
+    batch = torch.utils.data.default_collate([ds[i] for i in range(4)])
+    duals = [
+        n for n, e in cfg["variants"].items() if len(e["pathways"]) == 2 and (e["lambda1"] or e["lambda2"])
+    ]
+    assert {"mls", "mls_ifa", "cpmn"} <= set(duals)
+    for name in duals:
+        grads = {}
+        for tag, over in (("with", {}), ("without", {"lambda1": 0.0, "lambda2": 0.0})):
+            c = copy.deepcopy(cfg)
+            c["variants"][name].update(over)
+            torch.manual_seed(0)
+            model, loss_fn = build_variant(name, c)
+            total, terms = loss_fn(model(batch), batch["mask"], batch["label"])
+            total.backward()
+            grads[tag] = {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+            if tag == "with":
+                entry = cfg["variants"][name]
+                assert entry["lambda1"] == 0 or terms["L_KL"] > 0, name
+                assert entry["lambda2"] == 0 or terms["L_alig"] > 0, name
+        omega1 = [k for k in grads["with"] if k.startswith("net.omega1.")]
+        omega2 = [k for k in grads["with"] if k.startswith("net.omega2.")]
+        assert omega1 and omega2
+        assert all(torch.allclose(grads["with"][k], grads["without"][k], atol=1e-7) for k in omega1), name
+        assert any(not torch.allclose(grads["with"][k], grads["without"][k]) for k in omega2), name
 
 
 def test_missing_input_names_patient_and_file(cohort, tmp_path):
