@@ -164,6 +164,49 @@ def test_bootstrap_ci_coverage():
     assert 0.88 <= hits_sens / n_sim <= 0.99, hits_sens
 
 
+def _delong_by_loops(y, a, b):
+    """DeLong et al. (1988) from the textbook definitions, with plain loops: structural components
+    V10 (per positive) and V01 (per negative) of psi(x, y) = 1 if x > y, 1/2 if equal, 0 if less."""
+
+    def psi(x, z):
+        return 1.0 if x > z else 0.5 if x == z else 0.0
+
+    pos, neg = [i for i in range(len(y)) if y[i] == 1], [i for i in range(len(y)) if y[i] == 0]
+    comps = []
+    for s in (a, b):
+        v10 = [sum(psi(s[i], s[j]) for j in neg) / len(neg) for i in pos]
+        v01 = [sum(psi(s[i], s[j]) for i in pos) / len(pos) for j in neg]
+        comps.append((v10, v01, sum(v10) / len(v10)))
+
+    def cov(u, v):
+        mu, mv = sum(u) / len(u), sum(v) / len(v)
+        return sum((x - mu) * (z - mv) for x, z in zip(u, v, strict=True)) / (len(u) - 1)
+
+    (a10, a01, auc_a), (b10, b01, auc_b) = comps
+    var_a = cov(a10, a10) / len(pos) + cov(a01, a01) / len(neg)
+    var_b = cov(b10, b10) / len(pos) + cov(b01, b01) / len(neg)
+    cov_ab = cov(a10, b10) / len(pos) + cov(a01, b01) / len(neg)
+    z = (auc_a - auc_b) / math.sqrt(var_a + var_b - 2 * cov_ab)
+    return auc_a, auc_b, z, 2 * norm.sf(abs(z))
+
+
+def test_compare_variants_against_delong_by_loops_with_ties():
+    """compare_variants' paired DeLong on 6 + 6 patients with tied scores, against the loop definition."""
+    y = np.array([1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0])
+    pa = np.array([0.9, 0.8, 0.8, 0.4, 0.7, 0.3, 0.2, 0.8, 0.1, 0.4, 0.3, 0.05])
+    pb = np.array([0.6, 0.5, 0.7, 0.2, 0.3, 0.4, 0.5, 0.1, 0.3, 0.2, 0.6, 0.5])
+    val = _preds([0, 1], [0.2, 0.8], "val")
+    cfg = {**FAST, "threshold": "fixed", "fixed_threshold": 0.5}
+    c = M.compare_variants(
+        M.evaluate_variant("a", _preds(y, pa), val, cfg),
+        M.evaluate_variant("b", _preds(y, pb), val, cfg),
+        FAST,
+    )
+    auc_a, auc_b, z, p = _delong_by_loops(y.tolist(), pa.tolist(), pb.tolist())
+    assert c["delong"]["auc_a"] == pytest.approx(auc_a) and c["delong"]["auc_b"] == pytest.approx(auc_b)
+    assert c["delong"]["z"] == pytest.approx(z, rel=1e-9) and c["delong"]["p"] == pytest.approx(p, rel=1e-9)
+
+
 def test_compare_variants_matches_delong_and_mcnemar():
     rng = np.random.default_rng(5)
     y = np.array([0] * 20 + [1] * 20)
