@@ -164,6 +164,28 @@ def test_bootstrap_ci_coverage():
     assert 0.88 <= hits_sens / n_sim <= 0.99, hits_sens
 
 
+def test_bootstrap_ci_coverage_tracks_its_level():
+    """1000 simulated binormal studies (d = 1, 40 + 40): the stratified percentile bootstrap's AUC interval
+    covers the truth at close to its nominal level at 90%, 95% and 99% (measured 0.888, 0.935, 0.983; the
+    percentile interval under-covers a little at n = 80), and the 95% band excludes a 90% or a 99% interval:
+    an interval computed at the wrong level fails."""
+    true_auc = norm.cdf(1 / np.sqrt(2))
+    y = np.array([1] * 40 + [0] * 40)
+    cover = {}
+    for level in (0.90, 0.95, 0.99):
+        rng = np.random.default_rng(42)
+        hits = 0
+        for k in range(1000):
+            s = rng.normal(size=80) + 1.0 * y
+            b = stats.bootstrap_ci(
+                lambda i, s=s: stats.auc_rows(y[i], s[i]), 80, 400, seed=k, strata=y, level=level
+            )
+            hits += b.ci[0] <= true_auc <= b.ci[1]
+        cover[level] = hits / 1000
+    assert all(abs(cover[lv] - lv) < 0.02 for lv in cover), cover
+    assert cover[0.90] < 0.92 < cover[0.95] < 0.965 < cover[0.99], cover
+
+
 def _delong_by_loops(y, a, b):
     """DeLong et al. (1988) from the textbook definitions, with plain loops: structural components
     V10 (per positive) and V01 (per negative) of psi(x, y) = 1 if x > y, 1/2 if equal, 0 if less."""
