@@ -133,6 +133,11 @@ def test_sliding_window_mask_equals_direct_forward_when_volume_is_one_window(stu
         sw = sliding_window_inference(vol, P, 1, SegmentationLogits(pathway), overlap=0.25, mode="gaussian")
         direct = pathway(vol).seg
     torch.testing.assert_close(sw, direct, atol=1e-5, rtol=1e-4)
+    # cpmn's own segment(): the arg-max of that one forward pass, voxel for voxel
+    ours = segment(pathway, vol, P, {"sw_batch_size": 1, "overlap": 0.25})
+    want = direct.argmax(1)[0].to(torch.uint8)
+    margin = (direct[0, 1] - direct[0, 0]).abs() > 1e-4  # voxels not on the decision boundary
+    assert torch.equal(ours[margin], want[margin])
 
 
 def test_max_score_is_at_least_every_window(study):
