@@ -209,8 +209,7 @@ def _delong_by_loops(y, a, b):
     var_b = cov(b10, b10) / len(pos) + cov(b01, b01) / len(neg)
     cov_ab = cov(a10, b10) / len(pos) + cov(a01, b01) / len(neg)
     z = (auc_a - auc_b) / math.sqrt(var_a + var_b - 2 * cov_ab)
-    _delong_by_loops.var_a = var_a
-    return auc_a, auc_b, z, 2 * norm.sf(abs(z))
+    return auc_a, auc_b, z, 2 * norm.sf(abs(z)), var_a
 
 
 def test_compare_variants_against_delong_by_loops_with_ties():
@@ -225,12 +224,12 @@ def test_compare_variants_against_delong_by_loops_with_ties():
         M.evaluate_variant("b", _preds(y, pb), val, cfg),
         FAST,
     )
-    auc_a, auc_b, z, p = _delong_by_loops(y.tolist(), pa.tolist(), pb.tolist())
+    auc_a, auc_b, z, p, var_a = _delong_by_loops(y.tolist(), pa.tolist(), pb.tolist())
     assert c["delong"]["auc_a"] == pytest.approx(auc_a) and c["delong"]["auc_b"] == pytest.approx(auc_b)
     assert c["delong"]["z"] == pytest.approx(z, rel=1e-9) and c["delong"]["p"] == pytest.approx(p, rel=1e-9)
     # the single-AUC DeLong CI (no ../shared pROC needed): AUC ± z_0.975 · sqrt(var), clipped to [0, 1]
     ci = stats.delong_ci(y, pa)
-    half = norm.ppf(0.975) * math.sqrt(_delong_by_loops.var_a)
+    half = norm.ppf(0.975) * math.sqrt(var_a)
     assert ci.ci == pytest.approx((max(auc_a - half, 0.0), min(auc_a + half, 1.0)), rel=1e-9)
 
 
