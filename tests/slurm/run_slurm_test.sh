@@ -59,7 +59,10 @@ trap stop_slurm EXIT
 pgrep -x munged >/dev/null || service munge start >/dev/null 2>&1 || munged --force
 munge -n | unmunge >/dev/null || fail "munge does not work"
 stop_slurm
-slurmctld
+# A throwaway cluster: no state of an earlier (killed) run, whose stale jobs would hold the node.
+pkill -x slurmstepd 2>/dev/null || true
+rm -rf /var/lib/slurm/slurmctld/* /var/lib/slurm/slurmd/*
+slurmctld -c
 slurmd
 for _ in $(seq 30); do sinfo -h -o %T 2>/dev/null | grep -q idle && break; sleep 1; done
 sinfo -h -o %T | grep -q idle || fail "the node did not become idle"
