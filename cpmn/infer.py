@@ -39,6 +39,7 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 import torch
+from monai.transforms import ResizeWithPadOrCrop
 from torch import nn
 from tqdm import tqdm
 
@@ -153,6 +154,49 @@ def seg_volume_score(mask: np.ndarray | torch.Tensor, spacing_mm: Sequence[float
     return v / (v + float(half_ml))
 
 
+@torch.no_grad()
+def centre_patch_score(
+    pathway: torch.nn.Module,
+    volume: np.ndarray | torch.Tensor,
+    patch_size: Sequence[int],
+    device: str | torch.device = "cpu",
+) -> float:
+    """The patient score: sigmoid of the classifier on the centre patch of ``volume``.
+
+    ``volume`` ``(X, Y, Z)`` (one phase of the preprocessed npz). The centre window of size ``patch_size``
+    is taken with MONAI ``ResizeWithPadOrCrop`` (centred crop, zero ``SpatialPad`` where the volume is
+    smaller). The pathway is run in eval mode; its previous mode is restored.
+    """
+    x = torch.as_tensor(np.asarray(volume, dtype=np.float32))[None]  # (1, X, Y, Z)
+    x = ResizeWithPadOrCrop(spatial_size=tuple(int(s) for s in patch_size), mode="constant")(x)
+    x = torch.as_tensor(x).as_subclass(torch.Tensor)[None].to(device)  # (1, 1, *P)
+    was_training = pathway.training
+    pathway.eval()
+    try:
+        logit = pathway.classify(x).float()
+    finally:
+        pathway.train(was_training)
+    return float(torch.sigmoid(logit)[0])
+
+
+def predict_mask(
+    pathway: nn.Module,
+    volume: np.ndarray,
+    patch: Sequence[int],
+    params: dict[str, Any],
+    device: str | torch.device = "cpu",
+) -> torch.Tensor:
+    """The ``(X, Y, Z)`` uint8 embolus mask of one phase ``volume`` ``(X, Y, Z)`` (:func:`segment`), with the
+    pathway in eval mode; its previous mode is restored."""
+    vol = torch.from_numpy(np.ascontiguousarray(volume, dtype=np.float32))[None, None].to(device)
+    was_training = pathway.training
+    pathway.eval()
+    try:
+        return segment(pathway, vol, patch, params)
+    finally:
+        pathway.train(was_training)
+
+
 def patient_score(
     pathway: nn.Module,
     volume: np.ndarray,
@@ -164,8 +208,6 @@ def patient_score(
     """The patient probability of ``infer.score`` for one phase ``volume`` ``(X, Y, Z)``, and the predicted
     mask ``(X, Y, Z)`` when the score needed it (``seg_volume``; else None). Used by inference and by the
     per-epoch validation of training, so that the checkpoint is chosen on the score that is reported."""
-    from cpmn.train import centre_patch_score
-
     p = {**DEFAULTS, **(params or {})}
     if p["score"] not in SCORES:
         raise ValueError(f"unknown infer.score {p['score']!r}; expected one of {SCORES}")
@@ -173,15 +215,15 @@ def patient_score(
         raise ValueError("infer.score seg_volume needs the voxel spacing; the preprocessed volume has none")
     if p["score"] == "centre":
         return float(centre_patch_score(pathway, volume, patch, device)), None
-    vol = torch.from_numpy(np.ascontiguousarray(volume, dtype=np.float32))[None, None].to(device)
-    was_training = pathway.training
-    pathway.eval()
-    try:
-        if p["score"] == "max":
+    if p["score"] == "max":
+        vol = torch.from_numpy(np.ascontiguousarray(volume, dtype=np.float32))[None, None].to(device)
+        was_training = pathway.training
+        pathway.eval()
+        try:
             return window_scores(pathway, vol, tuple(int(v) for v in patch), float(p["overlap"])), None
-        mask = segment(pathway, vol, patch, p)
-    finally:
-        pathway.train(was_training)
+        finally:
+            pathway.train(was_training)
+    mask = predict_mask(pathway, volume, patch, p, device)
     return seg_volume_score(mask, spacing_mm, float(p["seg_volume_half_ml"])), mask
 
 

@@ -36,22 +36,24 @@ from typing import Any
 
 import numpy as np
 import torch
-from monai.transforms import ResizeWithPadOrCrop
 from sklearn.metrics import roc_auc_score
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from cpmn import infer
 from cpmn.config import add_config_arguments, resolve
 from cpmn.data.dataset import IndexRange, PatchDataset, load_patient
 from cpmn.data.patches import DEFAULT_PATCH
 from cpmn.data.split import read_splits
 from cpmn.errors import InputError, atomic_path, report
+from cpmn.evaluate.metrics import dice as mask_dice
 from cpmn.losses import TERMS
 from cpmn.variants import (
     MODEL_DEFAULTS,
     build_loss,
     build_model,
     inference_phase,
+    trains_segmentation,
     variant_entry,
     variant_score,
 )
@@ -89,31 +91,6 @@ def autocast_dtype(device: torch.device, amp: bool) -> torch.dtype | None:
     if amp and device.type == "cuda" and torch.cuda.is_bf16_supported():
         return torch.bfloat16
     return None
-
-
-@torch.no_grad()
-def centre_patch_score(
-    pathway: torch.nn.Module,
-    volume: np.ndarray | torch.Tensor,
-    patch_size: Sequence[int],
-    device: str | torch.device = "cpu",
-) -> float:
-    """The patient score: sigmoid of the classifier on the centre patch of ``volume``.
-
-    ``volume`` ``(X, Y, Z)`` (one phase of the preprocessed npz). The centre window of size ``patch_size``
-    is taken with MONAI ``ResizeWithPadOrCrop`` (centred crop, zero ``SpatialPad`` where the volume is
-    smaller). The pathway is run in eval mode; its previous mode is restored.
-    """
-    x = torch.as_tensor(np.asarray(volume, dtype=np.float32))[None]  # (1, X, Y, Z)
-    x = ResizeWithPadOrCrop(spatial_size=tuple(int(s) for s in patch_size), mode="constant")(x)
-    x = torch.as_tensor(x).as_subclass(torch.Tensor)[None].to(device)  # (1, 1, *P)
-    was_training = pathway.training
-    pathway.eval()
-    try:
-        logit = pathway.classify(x).float()
-    finally:
-        pathway.train(was_training)
-    return float(torch.sigmoid(logit)[0])
 
 
 def train_step(
@@ -241,25 +218,10 @@ def train_variant(
     model_cfg = {**MODEL_DEFAULTS, **(cfg.get("model") or {})}
     tcfg = {**TRAIN_DEFAULTS, **(cfg.get("train") or {})}
     pcfg = {**PATCH_DEFAULTS, **(cfg.get("patches") or {})}
-    from cpmn.evaluate.metrics import dice as mask_dice
-    from cpmn.infer import DEFAULTS as INFER_DEFAULTS
-    from cpmn.infer import patient_score
-    from cpmn.infer import segment as _segment
-    from cpmn.variants import trains_segmentation
-
     segments = trains_segmentation(entry)
 
-    def val_segment(pathway, volume, patch, params, dev):
-        vol = torch.from_numpy(np.ascontiguousarray(volume, dtype=np.float32))[None, None].to(dev)
-        was = pathway.training
-        pathway.eval()
-        try:
-            return _segment(pathway, vol, patch, params).cpu()
-        finally:
-            pathway.train(was)
-
     # the validation score: infer.score or the variant's own (a bad pairing fails here; `cpmn train` names it)
-    icfg = variant_score(entry, {**INFER_DEFAULTS, **(cfg.get("infer") or {})})
+    icfg = variant_score(entry, {**infer.DEFAULTS, **(cfg.get("infer") or {})})
     patch_size = [int(s) for s in pcfg["size"]]
     if min(patch_size) < 32:
         raise ValueError(f"patches.size {patch_size}: every axis must be >= 32 (the encoder's stride)")
@@ -377,11 +339,11 @@ def train_variant(
         pathway = model.pathway(phase)
         scores, dices = [], []
         for _, v, lab, sp, ref in val_data:
-            score, mask = patient_score(pathway, v, sp, patch_size, icfg, device)
+            score, mask = infer.patient_score(pathway, v, sp, patch_size, icfg, device)
             scores.append(score)
             if lab == 1 and segments:
                 if mask is None:  # a score that needs no mask: segment for the curve's Dice only
-                    mask = val_segment(pathway, v, patch_size, icfg, device)
+                    mask = infer.predict_mask(pathway, v, patch_size, icfg, device)
                 dices.append(mask_dice(np.asarray(mask), ref))
         auc = patient_auc([d[2] for d in val_data], scores)
         dice = float(np.nanmean(dices)) if dices and not np.isnan(dices).all() else float("nan")

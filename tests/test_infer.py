@@ -14,13 +14,13 @@ from cpmn.errors import InputError
 from cpmn.infer import (
     ClassifierLogit,
     cam_target_layer,
+    centre_patch_score,
     infer_split,
     patient_score,
     seg_volume_score,
     segment,
     window_scores,
 )
-from cpmn.train import centre_patch_score
 from cpmn.variants import build_model, variant_entry
 
 P = (32, 32, 32)

@@ -15,8 +15,9 @@ import yaml
 from cpmn import train as train_mod
 from cpmn.data.dataset import PatchDataset
 from cpmn.errors import InputError
+from cpmn.infer import centre_patch_score
 from cpmn.model import PathwayOutput
-from cpmn.train import centre_patch_score, train_variant
+from cpmn.train import train_variant
 from cpmn.variants import build_variant, load_for_inference
 
 ROOT = Path(__file__).resolve().parents[1]
