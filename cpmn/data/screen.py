@@ -165,6 +165,15 @@ CLOT_HU = (-50.0, 150.0)
 NEAR_VOXELS = 4
 
 
+def mask_on_ctpa(
+    mask: np.ndarray, mask_affine: np.ndarray, ctpa_shape: Sequence[int], ctpa_affine: np.ndarray
+) -> tuple[np.ndarray, ...]:
+    """Index arrays into the CTPA volume: the nearest CTPA voxel of each mask voxel's centre (clipped)."""
+    world = nib.affines.apply_affine(mask_affine, np.argwhere(mask > 0))
+    vox = np.rint(nib.affines.apply_affine(np.linalg.inv(ctpa_affine), world)).astype(int)
+    return tuple(np.clip(vox, 0, np.array(ctpa_shape) - 1).T)
+
+
 def mask_plausibility(
     mask: np.ndarray, mask_affine: np.ndarray, ctpa_hu: np.ndarray, ctpa_affine: np.ndarray, vessel_hu: float
 ) -> tuple[float, int]:
@@ -175,16 +184,13 @@ def mask_plausibility(
     0.69–1.00 for the true masks, 0.00–0.48 for each patient's mask given to the next patient."""
     from scipy import ndimage
 
-    idx = np.argwhere(mask > 0)
-    if not len(idx):
+    if not np.any(mask > 0):
         return 1.0, 0
-    world = nib.affines.apply_affine(mask_affine, idx)
-    vox = np.rint(nib.affines.apply_affine(np.linalg.inv(ctpa_affine), world)).astype(int)
-    at = tuple(np.clip(vox, 0, np.array(ctpa_hu.shape) - 1).T)
+    at = mask_on_ctpa(mask, mask_affine, ctpa_hu.shape, ctpa_affine)
     near = ndimage.binary_dilation(ctpa_hu > vessel_hu, iterations=NEAR_VOXELS)[at]
     hu = ctpa_hu[at]
     ok = near & (hu > CLOT_HU[0]) & (hu < CLOT_HU[1])
-    return float(ok.mean()), int(len(idx))
+    return float(ok.mean()), int(len(at[0]))
 
 
 def _check_mask(
@@ -245,13 +251,8 @@ def write_overlay(
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    idx = np.argwhere(mask > 0)
-    vox = np.rint(
-        nib.affines.apply_affine(np.linalg.inv(ctpa.ras_affine()), nib.affines.apply_affine(mask_affine, idx))
-    )
-    vox = np.clip(vox.astype(int), 0, np.array(hu.shape) - 1)
     on_ctpa = np.zeros(hu.shape, bool)
-    on_ctpa[tuple(vox.T)] = True
+    on_ctpa[mask_on_ctpa(mask, mask_affine, hu.shape, ctpa.ras_affine())] = True
     z = int(np.argmax(on_ctpa.sum(axis=(0, 1))))
     fig, ax = plt.subplots(figsize=(5, 5))
     ax.imshow(hu[:, :, z].T, cmap="gray", vmin=-160, vmax=240, origin="lower")
@@ -295,21 +296,11 @@ def screen_row(
 
 
 def check_readers(path: str | os.PathLike, sheet_ids: set[str]) -> None:
-    """Validate the reader-study TSV (:func:`cpmn.evaluate.metrics.load_readers`) and that every patient
-    it reads is in the cohort sheet; raises :class:`InputError` naming the readers file and data row."""
-    from cpmn.evaluate.metrics import load_readers, read_tsv
+    """Validate the reader-study TSV and that every patient it reads is in the cohort sheet
+    (:func:`cpmn.evaluate.metrics.load_readers`); raises :class:`InputError` naming the file and data row."""
+    from cpmn.evaluate.metrics import load_readers
 
-    path = Path(path)
-    load_readers(path)
-    _, rows = read_tsv(path)
-    for i, row in enumerate(rows, start=1):
-        pid = (row.get("patient_id") or "").strip()
-        if pid not in sheet_ids:
-            raise InputError(
-                None,
-                path,
-                f"readers file, data row {i} (line {i + 1}): patient {pid!r} is not in the cohort sheet",
-            )
+    load_readers(path, patients=sheet_ids)
 
 
 def screen_cohort(

@@ -145,12 +145,13 @@ def load_predictions(path: str | Path, split: str | None = None) -> Predictions:
     )
 
 
-def load_readers(path: str | Path) -> dict[str, dict[str, int]]:
+def load_readers(path: str | Path, patients: set[str] | None = None) -> dict[str, dict[str, int]]:
     """Reader-study TSV ``reader, patient_id, decision (0/1)`` -> {reader: {patient_id: decision}}.
 
     A bad row raises :class:`InputError` naming the readers file, the data row and its line, and the
     patient in the reason (not as the patient at fault: the readers file is, so no ``cohort.exclude``
-    advice follows it)."""
+    advice follows it). With ``patients``, a patient id outside that set is an error too (screening passes
+    the cohort sheet's ids)."""
     path = Path(path)
     header, rows = read_tsv(path)
     missing = [c for c in READER_COLUMNS if c not in header]
@@ -164,6 +165,12 @@ def load_readers(path: str | Path) -> dict[str, dict[str, int]]:
             raise InputError(None, path, f"{where}: decision must be 0 or 1, got {dec!r}")
         if pid in out.setdefault(reader, {}):
             raise InputError(None, path, f"{where}: duplicate patient")
+        if patients is not None and pid not in patients:
+            raise InputError(
+                None,
+                path,
+                f"readers file, data row {i} (line {i + 1}): patient {pid!r} is not in the cohort sheet",
+            )
         out[reader][pid] = int(float(dec))
     if not out:
         raise InputError(None, path, "no rows")
