@@ -470,7 +470,10 @@ def generate_cohort(
         if p["montage"]:
             from cpmn.phantom.montage import write_montage
 
-            write_montage(tmp, sheet, p, tmp / "montage.png")
+            plan = plan_cohort(p)
+            picks = [int(sheet.index[sheet.label == lab][0]) for lab in (1, 0) if (sheet.label == lab).any()]
+            cases = [generate_patient(tmp, p, i, plan=plan, write=False, keep_arrays=True) for i in picks]
+            write_montage(cases, tmp / "montage.png")
         out.mkdir(parents=True, exist_ok=True)
         for item in tmp.iterdir():
             dest = out / item.name

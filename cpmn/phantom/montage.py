@@ -6,7 +6,6 @@ import json
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 
 
 def _axial(vol: np.ndarray, k: int) -> np.ndarray:
@@ -18,29 +17,22 @@ def _coronal(vol: np.ndarray, j: int) -> np.ndarray:
     return vol[:, j, :].T[::-1, :]
 
 
-def write_montage(cohort_dir: str | Path, sheet: pd.DataFrame, params: dict, out_png: str | Path) -> Path:
-    """Render the montage from the written truth (regenerates the two patients' arrays, no DICOM read).
+def write_montage(cases: list[dict], out_png: str | Path) -> Path:
+    """Render the montage of ``cases``: results of :func:`cpmn.phantom.cohort.generate_patient` with
+    ``keep_arrays`` (the caller regenerates them; no DICOM is read).
 
-    Rows: one PE and one normal patient. Columns: NCT axial and CTPA axial in a mediastinal window
-    (W 700 / L 100), NCT and CTPA coronal in a lung-to-bone window [-1000, 600]. The CTPA embolus
-    outline is drawn in red; the axial slice passes through the largest embolus.
+    Rows: one per case (the cohort passes one PE and one normal patient). Columns: NCT axial and CTPA
+    axial in a mediastinal window (W 700 / L 100), NCT and CTPA coronal in a lung-to-bone window
+    [-1000, 600]. The CTPA embolus outline is drawn in red; the axial slice passes through the largest
+    embolus.
     """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from cpmn.phantom.cohort import generate_patient, plan_cohort
-
-    plan = plan_cohort(params)
-    picks = []
-    for lab in (1, 0):
-        ids = sheet.index[sheet.label == lab]
-        if len(ids):
-            picks.append(int(ids[0]))
-    fig, axes = plt.subplots(len(picks), 4, figsize=(16, 4.2 * len(picks)), squeeze=False, facecolor="black")
-    for r, idx in enumerate(picks):
-        res = generate_patient(cohort_dir, params, idx, plan=plan, write=False, keep_arrays=True)
+    fig, axes = plt.subplots(len(cases), 4, figsize=(16, 4.2 * len(cases)), squeeze=False, facecolor="black")
+    for r, res in enumerate(cases):
         a = res["arrays"]
         mask = a["mask_ctpa"]
         if mask.any():
