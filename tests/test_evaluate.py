@@ -608,15 +608,10 @@ def test_a_tiny_validation_split_is_warned_about(study, tmp_path):
     )
 
 
-def test_fig2a_roc_draws_the_roc_points_and_operating_points(tmp_path, monkeypatch):
+def test_fig2a_roc_draws_the_roc_points_and_operating_points(tmp_path, drawn_axes):
     """The ROC line of y = (0, 0, 1, 1), p = (0.1, 0.4, 0.35, 0.8) by hand: thresholds 0.8, 0.4, 0.35, 0.1
     give (FPR, TPR) = (0, 0.5), (0.5, 0.5), (0.5, 1), (1, 1) after (0, 0); the dot is (1 - spec, sens) at
     the fixed threshold 0.5 (sens 0.5, spec 1); the mean reader is the star."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     from cpmn.evaluate import figures
 
     y, p = [0, 0, 1, 1], [0.1, 0.4, 0.35, 0.8]
@@ -626,17 +621,8 @@ def test_fig2a_roc_draws_the_roc_points_and_operating_points(tmp_path, monkeypat
         "readers": {"r1": {"sensitivity": {"value": 0.5}, "specificity": {"value": 0.75}}},
         "mean": {"sensitivity": {"value": 0.5}, "specificity": {"value": 0.75}},
     }
-    seen = {}
-    real = plt.subplots
-
-    def spy(*a, **k):
-        fig, ax = real(*a, **k)
-        seen["ax"] = ax
-        return fig, ax
-
-    monkeypatch.setattr(plt, "subplots", spy)
     figures.fig2a_roc([("A", ev)], readers, tmp_path)
-    lines = seen["ax"].get_lines()
+    lines = drawn_axes[-1].get_lines()
     roc = next(ln for ln in lines if ln.get_label().startswith("A (AUC 0.750)"))
     assert roc.get_xdata().tolist() == [0.0, 0.0, 0.5, 0.5, 1.0]
     assert roc.get_ydata().tolist() == [0.0, 0.5, 0.5, 1.0, 1.0]
