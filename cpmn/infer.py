@@ -39,13 +39,20 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 import torch
-from monai.transforms import ResizeWithPadOrCrop
+from monai.data.utils import dense_patch_slices, get_valid_patch_size
+from monai.inferers import sliding_window_inference
+from monai.transforms import ResizeWithPadOrCrop, SpatialPad
+from monai.visualize import GradCAM
 from torch import nn
 from tqdm import tqdm
 
 from cpmn.config import add_config_arguments, resolve
 from cpmn.data.patches import DEFAULT_PATCH
+from cpmn.data.preprocess import read_preprocessed, to_original_grid
+from cpmn.data.split import read_splits
 from cpmn.errors import InputError, atomic_path, report
+from cpmn.evaluate.figures import cam_overview
+from cpmn.variants import load_for_inference, trains_segmentation, variant_score
 
 #: arrays ``cpmn infer`` reads from a preprocessed file besides the phase (label; grid for the mask and CAM)
 NPZ_KEYS = ("label", "nct", "affine", "orig_affine", "orig_shape")
@@ -109,8 +116,6 @@ def window_scores(
     pathway: nn.Module, volume: torch.Tensor, patch: tuple[int, int, int], overlap: float
 ) -> float:
     """The maximum classifier probability over the sliding windows of ``volume`` ``(1, 1, X, Y, Z)``."""
-    from monai.data.utils import dense_patch_slices, get_valid_patch_size
-    from monai.transforms import SpatialPad
 
     vol = SpatialPad(spatial_size=patch)(volume[0])[None]
     size = vol.shape[2:]
@@ -130,7 +135,6 @@ def segment(
     """The ``(X, Y, Z)`` uint8 arg-max embolus mask of ``volume`` ``(1, 1, X, Y, Z)``: MONAI
     ``sliding_window_inference`` with the patch size, ``overlap`` and ``sw_batch_size`` of ``params`` and
     Gaussian blending."""
-    from monai.inferers import sliding_window_inference
 
     with torch.no_grad():
         logits = sliding_window_inference(
@@ -197,6 +201,45 @@ def predict_mask(
         pathway.train(was_training)
 
 
+def min_max_to_unit(x: torch.Tensor) -> torch.Tensor:
+    """Each map of ``x`` ``(B, 1, *spatial)`` scaled linearly so that its minimum is 0 and its maximum 1 (a
+    constant map becomes 0). MONAI's default CAM post-processing maps (min, max) to (1, 0), which flips the
+    map: the most activated voxel would read 0."""
+    lo = x.amin(dim=tuple(range(1, x.ndim)), keepdim=True)
+    hi = x.amax(dim=tuple(range(1, x.ndim)), keepdim=True)
+    span = hi - lo
+    return torch.where(
+        span > 0, (x - lo) / torch.where(span > 0, span, torch.ones_like(span)), torch.zeros_like(x)
+    )
+
+
+def grad_cam(
+    pathway: nn.Module,
+    volume: np.ndarray,
+    patch: Sequence[int],
+    params: dict[str, Any],
+    device: str | torch.device = "cpu",
+) -> np.ndarray:
+    """The ``(X, Y, Z)`` float32 class activation map of one phase ``volume`` ``(X, Y, Z)``: MONAI
+    ``GradCAM`` on the classification logit at :func:`cam_target_layer`, each window's map scaled to [0, 1]
+    (:func:`min_max_to_unit`: 1 at the most activated voxel), blended over the sliding windows of ``patch``
+    (``params["overlap"]``, Gaussian weights), with the pathway in eval mode."""
+
+    vol = torch.from_numpy(np.ascontiguousarray(volume, dtype=np.float32))[None, None].to(device)
+    cls_logit = ClassifierLogit(pathway)
+    cam = GradCAM(cls_logit, target_layers=cam_target_layer(cls_logit), postprocessing=min_max_to_unit)
+    was_training = pathway.training
+    pathway.eval()
+    try:
+        with torch.enable_grad():
+            heat = sliding_window_inference(
+                vol, tuple(int(v) for v in patch), 1, cam, overlap=float(params["overlap"]), mode="gaussian"
+            )
+    finally:
+        pathway.train(was_training)
+    return heat[0, 0].detach().cpu().numpy().astype(np.float32)
+
+
 def patient_score(
     pathway: nn.Module,
     volume: np.ndarray,
@@ -233,7 +276,6 @@ def compare_scores(params: dict[str, Any], entry: dict[str, Any]) -> list[str]:
     The primary score and repeats are dropped; ``seg_volume`` is dropped for a variant that trains no
     segmentation (``seg_weight`` 0). An unknown score raises ``ValueError``.
     """
-    from cpmn.variants import trains_segmentation
 
     out: list[str] = []
     for s in params.get("compare_scores") or []:
@@ -256,7 +298,6 @@ def load_inference_npz(pid: str, preprocessed_dir: str | os.PathLike, phase: str
         InputError: the file is missing, unreadable, lacks an array, or the phase is not a 3D volume of the
             stored grid's shape (naming the patient and the file).
     """
-    from cpmn.data.preprocess import read_preprocessed
 
     path = Path(preprocessed_dir) / f"{pid}.npz"
     out = read_preprocessed(pid, path, (phase, *NPZ_KEYS), ("spacing", "mask", "truth_mask"))
@@ -286,13 +327,6 @@ def infer_split(
     score), a ``prob_<score>`` column per score of :func:`compare_scores` and, where written, the
     ``mask``, ``cam``, ``image`` and ``ref_mask`` paths (relative to the TSV's folder).
     """
-    from monai.inferers import sliding_window_inference
-    from monai.visualize import GradCAM
-
-    from cpmn.data.preprocess import to_original_grid
-    from cpmn.data.split import read_splits
-    from cpmn.evaluate.figures import cam_overview
-    from cpmn.variants import load_for_inference, variant_score
 
     p = {**DEFAULTS, **(params or {})}
     if ref_template:
@@ -312,7 +346,6 @@ def infer_split(
         raise InputError(None, model_path, f"cannot load the trained model ({err})") from err
     p = variant_score(entry, p)  # a variant may set its own score
     alternatives = compare_scores(p, entry)
-    cls_logit = ClassifierLogit(pathway)
     ids = read_splits(splits_tsv).get(split, [])
     if not ids:
         raise InputError(None, splits_tsv, f"split {split!r} has no patients")
@@ -365,12 +398,7 @@ def infer_split(
                     split,
                 )
             if write_cams and (row["label"] == 1 or not p["cam_positives_only"]):
-                cam = GradCAM(cls_logit, target_layers=cam_target_layer(cls_logit))
-                with torch.enable_grad():
-                    heat = sliding_window_inference(
-                        vol, patch, 1, cam, overlap=float(p["overlap"]), mode="gaussian"
-                    )
-                heat = heat[0, 0].detach().cpu().numpy().astype(np.float32)
+                heat = grad_cam(pathway, npz[phase], patch, p, device)
                 row["cam"] = _write_nifti(
                     to_original_grid(heat, npz, order=1).astype(np.float32),
                     orig_affine,

@@ -463,3 +463,44 @@ def test_the_split_folder_is_replaced_only_when_infer_wrote_it(study):
     with pytest.raises(InputError, match=r"test: holds files infer did not write \(notes.txt\); refusing"):
         _infer_test(study, out, {})
     assert (masks / "notes.txt").read_text() == "mine"
+
+
+def test_grad_cam_of_one_window_equals_the_map_by_hand():
+    """Grad-CAM (Selvaraju et al.) by hand on the plain-cnn pathway, one window: the channel weights are the
+    spatial mean of d logit / d A at the classifier's input map A, the map is ReLU(sum_c w_c A_c), upsampled
+    trilinearly to the window and min-max scaled to [0, 1]. cpmn's sliding-window CAM of a volume that is
+    exactly one window must equal it."""
+    from cpmn.infer import grad_cam
+
+    mcfg = {"backbone": "plain-cnn", "ifa_level": 2, "cls_level": 2, "cls_pool": "max", "norm": "group"}
+    entry = variant_entry("nct", {"variants": {"nct": {"pathways": ["nct"]}}, "model": mcfg})
+    torch.manual_seed(3)
+    pathway = build_model(entry, mcfg).pathway("nct").eval()
+    rng = np.random.default_rng(0)
+    vol = rng.random(P).astype(np.float32)
+    vol[10:16, 12:18, 14:20] += 1.0  # a bright block, so the map is not flat
+
+    store = {}
+
+    def keep(_module, _inputs, output):
+        output.retain_grad()
+        store["A"] = output
+
+    handle = pathway.cls_input.register_forward_hook(keep)
+    try:
+        logit = pathway.classify(torch.from_numpy(vol)[None, None])
+        logit.sum().backward()
+    finally:
+        handle.remove()
+    A, G = store["A"].detach(), store["A"].grad
+    w = G.mean(dim=(2, 3, 4), keepdim=True)
+    m = torch.relu((w * A).sum(1, keepdim=True))
+    m = torch.nn.functional.interpolate(m, size=P, mode="trilinear", align_corners=False)[0, 0].numpy()
+    by_hand = (m - m.min()) / (m.max() - m.min())
+    pathway.zero_grad()
+
+    cam = grad_cam(pathway, vol, P, {"overlap": 0.25})
+    assert cam.shape == P and by_hand.std() > 0.05
+    np.testing.assert_allclose(cam, by_hand, atol=1e-4)
+    # a wrong sign of the weights (the map of the other class) would differ
+    assert np.abs(cam - (1 - by_hand)).max() > 0.5

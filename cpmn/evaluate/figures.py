@@ -249,16 +249,20 @@ def cam_overview(
     title: str,
     mask: np.ndarray | None = None,
     ref: np.ndarray | None = None,
+    z: int | None = None,
 ) -> int:
-    """One PNG per CAM (written by ``cpmn infer`` next to the CAM NIfTI): the axial slice with the most
-    reference voxels (the slice of the CAM maximum when there is no reference) of ``image`` (``(X, Y, Z)``
+    """One PNG per CAM (written by ``cpmn infer`` next to the CAM NIfTI): the axial slice ``z``, by default
+    the one with the most reference voxels (the slice of the CAM maximum when there is no reference), of
+    ``image`` (``(X, Y, Z)``
     in canonical RAS voxel order, window-normalised to [0, 1]) with the CAM overlaid (jet), the predicted
     ``mask`` contour (red) and the reference ``ref`` contour (green). ``spacing`` (mm) scales the axes;
     radiological convention as in Fig. 2b. Returns the slice index ``z``.
     """
     if cam.shape != image.shape:
         raise ValueError(f"cam shape {cam.shape} differs from image shape {image.shape}")
-    if ref is not None and np.any(ref > 0.5):
+    if z is not None:
+        z = int(z)
+    elif ref is not None and np.any(ref > 0.5):
         z = int(np.argmax((ref > 0.5).sum(axis=(0, 1))))
     else:
         z = int(np.unravel_index(int(np.argmax(cam)), cam.shape)[2])
