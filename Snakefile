@@ -24,6 +24,7 @@ include: "workflow/rules/preprocess.smk"
 include: "workflow/rules/train.smk"
 include: "workflow/rules/infer.smk"
 include: "workflow/rules/evaluate.smk"
+include: "workflow/rules/card.smk"
 
 
 rule all:

@@ -30,6 +30,9 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
         "training curves of every variant (loss terms, validation AUC and Dice)",
     ),
     "evaluate": ("cpmn.evaluate.cli", "metrics, statistics, Table 1, Table 2 and Fig. 2"),
+    "card": ("cpmn.card", "write a model folder's card.json (settings, threshold, training data, version)"),
+    "predict": ("cpmn.predict", "one new NCT scan (DICOM or NIfTI) through a model folder"),
+    "export-bundle": ("cpmn.bundle", "a model folder as a MONAI bundle (configs/, models/, metadata)"),
 }
 
 

@@ -305,14 +305,14 @@ def _centre_patch_by_hand(vol: np.ndarray, patch) -> np.ndarray:
 
 
 def test_infer_values_against_a_known_pathway(study, monkeypatch):
-    """With the threshold stand-in (t = 0.24 on the [-200, 300] HU window, i.e. HU > -80) the written mask,
+    """With the threshold stand-in (t = 0.24 on the NCT's [-50, 150] HU window, i.e. HU > -2) the written mask,
     on the original NCT grid, is the body of the NIfTI voxel for voxel; prob (seg_volume) is V / (V + half)
     of its volume; prob_centre is sigmoid(mean of the centre patch) of the stored volume."""
-    import cpmn.variants
+    import cpmn.infer
 
     stub = _ThresholdPathway(0.24)
     entry = variant_entry("nct", {"variants": {"nct": {"pathways": ["nct"]}}})
-    monkeypatch.setattr(cpmn.variants, "load_for_inference", lambda path, device="cpu": (stub, "nct", entry))
+    monkeypatch.setattr(cpmn.infer, "load_for_inference", lambda path, device="cpu": (stub, "nct", entry))
     out = study["tmp"] / "pred_stub" / "nct" / "test.tsv"
     half = 1.5
     params = {
@@ -324,7 +324,7 @@ def test_infer_values_against_a_known_pathway(study, monkeypatch):
     back = _infer_test(study, out, params)
     for _, row in back.iterrows():
         hu = nib.load(study["nifti"] / row.patient_id / "nct.nii.gz").get_fdata()
-        truth = hu > -80.0
+        truth = hu > -50.0 + 0.24 * 200.0
         written = nib.load(out.parent / row["mask"]).get_fdata() > 0
         assert written.sum() == truth.sum() > 1000
         assert np.array_equal(written, truth)

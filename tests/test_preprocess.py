@@ -42,7 +42,12 @@ def test_window_values():
 def test_same_spacing_exact_round_trip(tmp_path):
     nct, ctpa, mask, aff, paths = _case(tmp_path)
     out = tmp_path / "P1.npz"
-    params = {"spacing": [2.0, 2.0, 3.0], "body_margin_mm": 4.0, "hu_window": [-1000, 600]}
+    params = {
+        "spacing": [2.0, 2.0, 3.0],
+        "body_margin_mm": 4.0,
+        "hu_window": [-1000, 600],
+        "nct_hu_window": None,
+    }
     preprocess_patient("P1", 1, paths["nct"], paths["ctpa"], paths["mask"], out, params)
     with np.load(out) as z:
         d = {k: z[k] for k in z.files}

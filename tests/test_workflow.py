@@ -185,6 +185,33 @@ def test_tiny_study_end_to_end(tmp_path):
         "_cam.png",
     ):
         assert item in html, item
+    # every model folder describes itself, and `cpmn predict` uses it on one scan straight from DICOM
+    sheet = pd.read_csv(results / "splits.tsv", sep="\t")
+    pid = sheet[sheet.split == "test"].patient_id.iloc[0]
+    for variant in ("nct", "cpmn"):
+        card = json.loads((results / "models" / variant / "card.json").read_text())
+        stats = json.loads((results / "stats.json").read_text())
+        assert card["threshold"]["value"] == stats["variants"][variant]["threshold"]["value"]
+    out = tmp_path / "predict"
+    r = subprocess.run(
+        [
+            str(Path(sys.executable).parent / "cpmn"),
+            "predict",
+            "--model",
+            str(results / "models" / "cpmn"),
+            "--nct",
+            str(results / "synthetic" / "dicom" / pid),
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    rep = json.loads((out / "report.json").read_text())
+    predicted = pd.read_csv(results / "predictions" / "cpmn" / "test.tsv", sep="\t").set_index("patient_id")
+    assert rep["probability"] == pytest.approx(predicted.loc[pid, "prob"], abs=1e-4)
     shutil.rmtree(results / "synthetic" / "dicom", ignore_errors=True)
 
 

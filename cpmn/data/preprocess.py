@@ -10,11 +10,11 @@ Steps, in order:
 2. **Resample** to ``spacing`` mm (``nibabel.processing.resample_from_to``, i.e. scipy ``map_coordinates``):
    trilinear for the CT images, nearest neighbour for the masks. The new grid keeps the first voxel centre
    of the canonical grid and covers the same field of view.
-3. **HU window**: clip to ``hu_window`` = [-1000, 600] HU and scale linearly to [0, 1]. The window spans air
-   and lung parenchyma (about -900 HU, the context in which pulmonary arteries sit) up to contrast-enhanced
-   pulmonary arterial blood in CTPA (typically 250-550 HU); emboli (20-70 HU), unenhanced blood (35-50 HU)
-   and soft tissue fall in between and keep their contrast. Cortical bone above 600 HU saturates, which is
-   harmless for PE. The *same* window is used for NCT and CTPA, so both pathways see one intensity scale.
+3. **HU window**: clip to ``hu_window`` (config default [-200, 300] HU, mediastinal) and scale linearly to
+   [0, 1]: fat and lung saturate at 0, contrast-enhanced blood (250-550 HU) near 1, and emboli (20-70 HU),
+   unenhanced blood (35-50 HU) and soft tissue fall in between. ``nct_hu_window`` (null: the same window)
+   gives the NCT its own, narrower window, in which the 20-40 HU step of a hyperdense clot over blood spans
+   more of the input range (docs/method.md).
 4. **Body crop**: threshold the NCT at ``body_threshold_hu`` (-500 HU: soft tissue vs air), keep the
    largest connected component (drops the table and outside air pockets), take its bounding box plus
    ``body_margin_mm`` and, to be safe, the bounding box of the embolus mask.
@@ -22,8 +22,9 @@ Steps, in order:
 The ``.npz`` holds the contract keys (``nct``, ``ctpa``, ``mask``, ``truth_mask`` with phantom truth,
 ``label``, ``spacing``, ``affine``, ``orig_affine``, ``orig_shape``) and the bookkeeping that maps the stored
 grid back: ``crop_box`` (2, 3) start/stop voxel of the crop in the resampled canonical grid,
-``resampled_shape`` (3,), ``hu_window`` (2,) and ``body_threshold_hu``. :func:`to_original_grid` uses the
-stored and original affines, so it undoes reorientation, resampling and crop in one resampling.
+``resampled_shape`` (3,), ``hu_window`` (2,), ``nct_hu_window`` (2,) and ``body_threshold_hu``.
+:func:`to_original_grid` uses the stored and original affines, so it undoes reorientation, resampling and
+crop in one resampling.
 """
 
 from __future__ import annotations
@@ -48,11 +49,20 @@ from cpmn.errors import InputError, atomic_path, report
 DEFAULTS: dict[str, Any] = {
     "spacing": [5.0, 5.0, 5.0],
     "hu_window": [-200, 300],
+    "nct_hu_window": [-50, 150],
     "body_threshold_hu": -500,
     "body_margin_mm": 5.0,
 }
 
 AIR_HU = -1024.0
+
+#: what a preprocessed volume means (canonical RAS voxel order, spacing, per-phase HU window to [0, 1],
+#: body crop); a model card stores it, and ``cpmn predict`` refuses a model of another contract
+CONTRACT = 2
+
+#: air-filled lung: HU band inside the (slice-wise filled) body, and the volume a chest field of view holds
+LUNG_HU = (-1000.0, -400.0)
+MIN_LUNG_ML = 500.0
 
 
 def read_preprocessed(
@@ -126,6 +136,104 @@ def body_box(
     return np.stack([start, stop]).astype(np.int64)
 
 
+def resample_to(img: nib.Nifti1Image, grid: tuple, order: int, cval: float) -> np.ndarray:
+    """``img`` (any orientation) resampled onto ``grid`` = (shape, affine) of the canonical target grid."""
+    can = nib.as_closest_canonical(img)
+    data = np.asarray(can.dataobj, dtype=np.float32)
+    src = nib.Nifti1Image(data, can.affine)
+    return np.asarray(resample_from_to(src, grid, order=order, mode="constant", cval=cval).dataobj)
+
+
+def filled_body(body: np.ndarray) -> np.ndarray:
+    """The body ``(X, Y, Z)`` bool with each axial slice's holes filled: lungs and airways count as inside."""
+    return np.stack([ndimage.binary_fill_holes(body[:, :, k]) for k in range(body.shape[2])], axis=2)
+
+
+def nct_grid(
+    nct_img: nib.Nifti1Image,
+    p: Mapping[str, Any],
+    patient_id: str,
+    path: str | os.PathLike,
+    extra: np.ndarray | None = None,
+) -> tuple[tuple, np.ndarray, np.ndarray, tuple[slice, ...], dict[str, Any]]:
+    """The NCT on the target grid: ``(grid, nct_hu, box, crop, meta)``.
+
+    ``grid`` = (shape, affine) of the canonical grid at ``p["spacing"]``; ``nct_hu`` the resampled NCT
+    (HU, whole grid); ``box`` (2, 3) the body crop (largest component above ``body_threshold_hu`` plus
+    ``body_margin_mm``, and the bounding box of ``extra`` (a bool array on ``grid``, e.g. the embolus mask)
+    when given); ``crop`` the slices of ``box``; ``meta`` the grid bookkeeping of the stored file. Raises
+    :class:`InputError` naming ``path`` for an empty body.
+    """
+    canon = nib.as_closest_canonical(nct_img)
+    shape, affine = target_grid(canon, p["spacing"])
+    grid = (shape, affine)
+    nct_hu = resample_to(nct_img, grid, 1, AIR_HU)
+    margin = np.ceil(float(p["body_margin_mm"]) / np.asarray(p["spacing"], dtype=np.float64)).astype(np.int64)
+    try:
+        box = body_box(nct_hu, float(p["body_threshold_hu"]), margin, extra)
+    except ValueError as exc:
+        raise InputError(patient_id, path, str(exc)) from exc
+    crop = tuple(slice(int(a), int(b)) for a, b in zip(box[0], box[1], strict=True))
+    crop_affine = affine.copy()
+    crop_affine[:3, 3] = affine[:3, :3] @ box[0] + affine[:3, 3]
+    meta = {
+        "spacing": np.asarray(p["spacing"], dtype=np.float64),
+        "affine": crop_affine,
+        "orig_affine": np.asarray(nct_img.affine, dtype=np.float64),
+        "orig_shape": np.asarray(nct_img.shape, dtype=np.int64),
+        "crop_box": box,
+        "resampled_shape": np.asarray(shape, dtype=np.int64),
+    }
+    return grid, nct_hu, box, crop, meta
+
+
+def windows(p: Mapping[str, Any]) -> tuple[list[float], list[float]]:
+    """``(hu_window, nct_window)`` of the preprocess settings (the NCT's own window, or the common one)."""
+    hu_window = [float(v) for v in p["hu_window"]]
+    return hu_window, [float(v) for v in (p.get("nct_hu_window") or hu_window)]
+
+
+def prepare_nct(
+    nct_img: nib.Nifti1Image,
+    params: Mapping[str, Any] | None,
+    patient_id: str,
+    path: str | os.PathLike,
+) -> dict[str, Any]:
+    """One NCT scan alone on the training grid, as ``cpmn predict`` needs it, with the chest checked.
+
+    The same steps as :func:`preprocess_patient` for the NCT (canonical grid, spacing, NCT window, body crop).
+    Returns the stored file's NCT keys (``nct`` float32 ``(X, Y, Z)``, ``body``, ``spacing``, ``affine``,
+    ``orig_affine``, ``orig_shape``, ``crop_box``, ``resampled_shape``, the windows) plus ``body_filled``
+    (bool, lungs inside) and ``lung_ml``. Raises :class:`InputError` naming ``path`` when the field of view
+    holds no chest: less than :data:`MIN_LUNG_ML` of air-filled lung inside the body.
+    """
+    p = {**DEFAULTS, **(params or {})}
+    _, nct_hu, _, crop, meta = nct_grid(nct_img, p, patient_id, path)
+    hu = nct_hu[crop]
+    body = hu > float(p["body_threshold_hu"])
+    inside = filled_body(body)
+    lung = inside & ~body & (hu >= LUNG_HU[0]) & (hu <= LUNG_HU[1])
+    lung_ml = float(lung.sum()) * float(np.prod(meta["spacing"])) / 1000.0
+    if lung_ml < MIN_LUNG_ML:
+        raise InputError(
+            patient_id,
+            path,
+            f"no chest in the field of view: {lung_ml:.0f} mL of air-filled lung inside the body"
+            f" (a chest CT holds at least {MIN_LUNG_ML:.0f} mL)",
+        )
+    hu_window, nct_window = windows(p)
+    return {
+        "nct": window(hu, nct_window),
+        "body": body.astype(np.uint8),
+        "body_filled": inside,
+        "lung_ml": lung_ml,
+        **meta,
+        "hu_window": np.asarray(hu_window, dtype=np.float64),
+        "nct_hu_window": np.asarray(nct_window, dtype=np.float64),
+        "body_threshold_hu": np.float64(p["body_threshold_hu"]),
+    }
+
+
 def preprocess_patient(
     patient_id: str,
     label: int,
@@ -179,40 +287,22 @@ def preprocess_patient(
         )
 
     canon = nib.as_closest_canonical(nct_img)
-    shape, affine = target_grid(canon, p["spacing"])
-    grid = (shape, affine)
-
-    def resample(img: nib.Nifti1Image, order: int, cval: float) -> np.ndarray:
-        can = nib.as_closest_canonical(img)
-        data = np.asarray(can.dataobj, dtype=np.float32)
-        out_img = resample_from_to(
-            nib.Nifti1Image(data, can.affine), grid, order=order, mode="constant", cval=cval
-        )
-        return np.asarray(out_img.dataobj)
-
-    nct_hu = resample(nct_img, 1, AIR_HU)
-    arrays = {"nct": nct_hu, "ctpa": resample(others["ctpa"][0], 1, AIR_HU)}
+    grid = target_grid(canon, p["spacing"])
+    arrays = {}
     for key in ("mask", "truth_mask"):
         if key in others:
-            arrays[key] = (resample(others[key][0], 0, 0.0) > 0.5).astype(np.uint8)
+            arrays[key] = (resample_to(others[key][0], grid, 0, 0.0) > 0.5).astype(np.uint8)
     if "mask" not in arrays:
-        arrays["mask"] = np.zeros(shape, dtype=np.uint8)
+        arrays["mask"] = np.zeros(grid[0], dtype=np.uint8)
     if label == 1 and not arrays["mask"].any():
         raise InputError(patient_id, mask, f"the embolus mask vanishes when resampled to {p['spacing']} mm")
+    _, nct_hu, _, sl, meta = nct_grid(nct_img, p, patient_id, nct, arrays["mask"] > 0)
+    ctpa_hu = resample_to(others["ctpa"][0], grid, 1, AIR_HU)
 
-    margin = np.ceil(float(p["body_margin_mm"]) / np.asarray(p["spacing"], dtype=np.float64)).astype(np.int64)
-    try:
-        box = body_box(nct_hu, float(p["body_threshold_hu"]), margin, arrays["mask"] > 0)
-    except ValueError as exc:
-        raise InputError(patient_id, nct, str(exc)) from exc
-    sl = tuple(slice(int(a), int(b)) for a, b in zip(box[0], box[1], strict=True))
-    crop_affine = affine.copy()
-    crop_affine[:3, 3] = affine[:3, :3] @ box[0] + affine[:3, 3]
-
-    hu_window = [float(v) for v in p["hu_window"]]
+    hu_window, nct_window = windows(p)
     result = {
-        "nct": window(arrays["nct"][sl], hu_window),
-        "ctpa": window(arrays["ctpa"][sl], hu_window),
+        "nct": window(nct_hu[sl], nct_window),
+        "ctpa": window(ctpa_hu[sl], hu_window),
         "mask": arrays["mask"][sl].copy(),
         "body": (nct_hu[sl] > float(p["body_threshold_hu"])).astype(np.uint8),
     }
@@ -220,13 +310,9 @@ def preprocess_patient(
         result["truth_mask"] = arrays["truth_mask"][sl].copy()
     result.update(
         label=np.int64(label),
-        spacing=np.asarray(p["spacing"], dtype=np.float64),
-        affine=crop_affine,
-        orig_affine=np.asarray(nct_img.affine, dtype=np.float64),
-        orig_shape=np.asarray(nct_img.shape, dtype=np.int64),
-        crop_box=box,
-        resampled_shape=np.asarray(shape, dtype=np.int64),
+        **meta,
         hu_window=np.asarray(hu_window, dtype=np.float64),
+        nct_hu_window=np.asarray(nct_window, dtype=np.float64),
         body_threshold_hu=np.float64(p["body_threshold_hu"]),
     )
     with atomic_path(out) as tmp:
@@ -236,7 +322,7 @@ def preprocess_patient(
         "patient_id": patient_id,
         "shape": tuple(int(s) for s in result["nct"].shape),
         "mask_voxels": int(result["mask"].sum()),
-        "crop_box": box.tolist(),
+        "crop_box": meta["crop_box"].tolist(),
     }
 
 

@@ -89,6 +89,12 @@ def train_priority(wildcards):
     return len(config["variants"][wildcards.variant]["pathways"])
 
 
+def card_params():
+    """What `cpmn card` copies into a model folder's card.json."""
+    keys = ("convert", "preprocess", "infer")
+    return json.dumps({k: config[k] for k in keys}, separators=(",", ":"))
+
+
 def infer_params():
     """What `cpmn infer` needs from the config."""
     return json.dumps(
@@ -197,6 +203,7 @@ def final_outputs():
         f"{RES}/stats.json",
         f"{RES}/qc/registration.tsv",
         f"{RES}/figures/training_curves.png",
+        *expand(f"{RES}/models/{{variant}}/card.json", variant=VARIANTS),
     ]
     if SYNTHETIC:
         out.append(f"{RES}/tables/ceiling.tsv")
