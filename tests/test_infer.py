@@ -305,7 +305,7 @@ def _centre_patch_by_hand(vol: np.ndarray, patch) -> np.ndarray:
 
 
 def test_infer_values_against_a_known_pathway(study, monkeypatch):
-    """With the threshold stand-in (t = 0.24 on the NCT's [-50, 150] HU window, i.e. HU > -2) the written mask,
+    """With the threshold stand-in (t = 0.24 on the NCT's [-50, 150] HU window: HU > -2) the written mask,
     on the original NCT grid, is the body of the NIfTI voxel for voxel; prob (seg_volume) is V / (V + half)
     of its volume; prob_centre is sigmoid(mean of the centre patch) of the stored volume."""
     import cpmn.infer
