@@ -41,6 +41,7 @@ import pandas as pd
 import torch
 from monai.data.utils import dense_patch_slices, get_valid_patch_size
 from monai.inferers import sliding_window_inference
+from monai.networks import eval_mode
 from monai.transforms import ResizeWithPadOrCrop, SpatialPad
 from monai.visualize import GradCAM
 from torch import nn
@@ -174,13 +175,14 @@ def centre_patch_score(
     x = torch.as_tensor(np.asarray(volume, dtype=np.float32))[None]  # (1, X, Y, Z)
     x = ResizeWithPadOrCrop(spatial_size=tuple(int(s) for s in patch_size), mode="constant")(x)
     x = torch.as_tensor(x).as_subclass(torch.Tensor)[None].to(device)  # (1, 1, *P)
-    was_training = pathway.training
-    pathway.eval()
-    try:
+    with eval_mode(pathway):
         logit = pathway.classify(x).float()
-    finally:
-        pathway.train(was_training)
     return float(torch.sigmoid(logit)[0])
+
+
+def as_batch(volume: np.ndarray, device: str | torch.device = "cpu") -> torch.Tensor:
+    """One phase ``volume`` ``(X, Y, Z)`` as a float32 batch ``(1, 1, X, Y, Z)`` on ``device``."""
+    return torch.from_numpy(np.ascontiguousarray(volume, dtype=np.float32))[None, None].to(device)
 
 
 def predict_mask(
@@ -192,13 +194,8 @@ def predict_mask(
 ) -> torch.Tensor:
     """The ``(X, Y, Z)`` uint8 embolus mask of one phase ``volume`` ``(X, Y, Z)`` (:func:`segment`), with the
     pathway in eval mode; its previous mode is restored."""
-    vol = torch.from_numpy(np.ascontiguousarray(volume, dtype=np.float32))[None, None].to(device)
-    was_training = pathway.training
-    pathway.eval()
-    try:
-        return segment(pathway, vol, patch, params)
-    finally:
-        pathway.train(was_training)
+    with eval_mode(pathway):
+        return segment(pathway, as_batch(volume, device), patch, params)
 
 
 def min_max_to_unit(x: torch.Tensor) -> torch.Tensor:
@@ -225,18 +222,17 @@ def grad_cam(
     (:func:`min_max_to_unit`: 1 at the most activated voxel), blended over the sliding windows of ``patch``
     (``params["overlap"]``, Gaussian weights), with the pathway in eval mode."""
 
-    vol = torch.from_numpy(np.ascontiguousarray(volume, dtype=np.float32))[None, None].to(device)
     cls_logit = ClassifierLogit(pathway)
     cam = GradCAM(cls_logit, target_layers=cam_target_layer(cls_logit), postprocessing=min_max_to_unit)
-    was_training = pathway.training
-    pathway.eval()
-    try:
-        with torch.enable_grad():
-            heat = sliding_window_inference(
-                vol, tuple(int(v) for v in patch), 1, cam, overlap=float(params["overlap"]), mode="gaussian"
-            )
-    finally:
-        pathway.train(was_training)
+    with eval_mode(pathway), torch.enable_grad():  # eval_mode also turns gradients off; the CAM needs them
+        heat = sliding_window_inference(
+            as_batch(volume, device),
+            tuple(int(v) for v in patch),
+            1,
+            cam,
+            overlap=float(params["overlap"]),
+            mode="gaussian",
+        )
     return heat[0, 0].detach().cpu().numpy().astype(np.float32)
 
 
@@ -259,13 +255,10 @@ def patient_score(
     if p["score"] == "centre":
         return float(centre_patch_score(pathway, volume, patch, device)), None
     if p["score"] == "max":
-        vol = torch.from_numpy(np.ascontiguousarray(volume, dtype=np.float32))[None, None].to(device)
-        was_training = pathway.training
-        pathway.eval()
-        try:
-            return window_scores(pathway, vol, tuple(int(v) for v in patch), float(p["overlap"])), None
-        finally:
-            pathway.train(was_training)
+        with eval_mode(pathway):
+            return window_scores(
+                pathway, as_batch(volume, device), tuple(int(v) for v in patch), float(p["overlap"])
+            ), None
     mask = predict_mask(pathway, volume, patch, p, device)
     return seg_volume_score(mask, spacing_mm, float(p["seg_volume_half_ml"])), mask
 

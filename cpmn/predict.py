@@ -44,6 +44,7 @@ from cpmn.data.niftiio import load_nifti
 from cpmn.data.preprocess import prepare_nct, to_original_grid
 from cpmn.errors import InputError, report
 from cpmn.evaluate.figures import cam_overview
+from cpmn.train import resolve_device
 from cpmn.variants import load_for_inference
 
 #: files ``predict`` writes into ``--out``
@@ -226,11 +227,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = args.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
-        result = predict_scan(args.model, args.nct, args.out, device)
+        result = predict_scan(args.model, args.nct, args.out, resolve_device(args.device))
     except InputError as err:
         return report(err)
     print(
