@@ -2,8 +2,8 @@
 
 Usage: ``.venv/bin/python benchmarks/register.py [--threads N] [--native] [--sizes default,chest]``
 
-Two synthetic chest-like pairs with a known misalignment (``synthetic_pair``: 8 mm shift, 4 deg rotation,
-2.5 mm smooth warp) are made in the script:
+Two synthetic chest-like pairs with a known misalignment (``tests/registration_pair.py``: 8 mm
+shift, 4 deg rotation, 2.5 mm smooth warp) are made in the script:
 
 * ``default``: 100 x 100 x 64 at 3.2 mm (the default phantom cohort's NCT grid),
 * ``chest``: 256 x 256 x 200 at 1.5 mm (a clinical chest CT after light downsampling).
@@ -23,7 +23,10 @@ from pathlib import Path
 
 import nibabel as nib
 
-from cpmn.data.register import DEFAULTS, dice, register_patient, synthetic_pair
+from cpmn.data.register import DEFAULTS, dice, register_patient
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from registration_pair import synthetic_pair  # noqa: E402  (the tests' fixture)
 
 SIZES = {"default": ((100, 100, 64), 3.2), "chest": ((256, 256, 200), 1.5)}
 

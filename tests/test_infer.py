@@ -286,6 +286,54 @@ def test_sliding_window_mask_stitches_windows_exactly(shape):
     assert torch.equal(mask, (vol[0, 0] > t).to(torch.uint8))
 
 
+class _RampPathway(torch.nn.Module):
+    """A pathway whose output depends on where a voxel sits in its window: embolus logit ``x + r(i)`` with
+    ``r(i) = (i - 15.5) / 16`` along the window's first axis (``i`` = 0..31), background logit 0."""
+
+    def forward(self, x):
+        from cpmn.model import PathwayOutput
+
+        r = (torch.arange(x.shape[2], dtype=x.dtype) - (x.shape[2] - 1) / 2) / 16
+        fg = x + r[None, None, :, None, None]
+        return PathwayOutput(
+            seg=torch.cat([torch.zeros_like(x), fg], 1), cls=x.mean((1, 2, 3, 4)), enc=x, dec=x
+        )
+
+
+def _blended_ramp_by_hand(n: int, p: int, overlap: float, gaussian: bool) -> np.ndarray:
+    """The blended ``r`` at every position of an ``(n, p, p)`` volume, written out from MONAI's documented
+    rule: windows every ``int(p (1 - overlap))`` voxels, the last one flush with the end; weights the
+    product over the three axes of ``exp(-d² / (2 (p/8)²))`` about each window's centre, clamped below at
+    1e-3 (or 1 everywhere); each voxel is the weighted mean of the windows covering it."""
+    step = int(p * (1 - overlap))
+    starts = list(range(0, n - p, step)) + [n - p]
+    d = np.arange(p) - (p - 1) / 2
+    g1 = np.exp(-(d**2) / (2 * (p / 8) ** 2)) if gaussian else np.ones(p)
+    w = np.maximum(g1[:, None, None] * g1[None, :, None] * g1[None, None, :], 1e-3 if gaussian else 0)
+    r = (np.arange(p) - (p - 1) / 2) / 16
+    num, den = np.zeros((n, p, p)), np.zeros((n, p, p))
+    for s in starts:
+        num[s : s + p] += w * r[:, None, None]
+        den[s : s + p] += w
+    return num / den
+
+
+def test_sliding_window_blends_a_position_dependent_output_with_gaussian_weights():
+    """80 x 32 x 32 with P = 32 and overlap 0.25: three windows along x (0, 24, 48). The volume is set to
+    ``-b + 0.01 s`` with ``b`` the hand-blended ramp and ``s`` a random sign, so the mask is exactly
+    ``s > 0`` if and only if the windows, their overlap and the Gaussian weights are MONAI's documented
+    ones. Equal weights (or another overlap) move ``b`` by more than 0.01 in the overlaps."""
+    n, p = 80, 32
+    b = _blended_ramp_by_hand(n, p, 0.25, gaussian=True)
+    flat = _blended_ramp_by_hand(n, p, 0.25, gaussian=False)
+    other = _blended_ramp_by_hand(n, p, 0.5, gaussian=True)
+    assert (np.abs(flat - b) > 0.02).sum() > 5000 and (np.abs(other - b) > 0.02).sum() > 5000
+    sign = np.random.default_rng(0).choice([-1.0, 1.0], size=(n, p, p))
+    vol = torch.from_numpy((-b + 0.01 * sign).astype(np.float32))[None, None]
+    mask = segment(_RampPathway(), vol, (p, p, p), {"sw_batch_size": 2, "overlap": 0.25})
+    assert np.array_equal(mask.numpy(), (sign > 0).astype(np.uint8))
+
+
 def _centre_patch_by_hand(vol: np.ndarray, patch) -> np.ndarray:
     """The centre window of size ``patch``: crop from ``(n - p) // 2`` where the volume is larger, zero
     padding of ``(p - n) // 2`` before where it is smaller (MONAI's centre crop / symmetric pad)."""

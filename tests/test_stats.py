@@ -53,6 +53,30 @@ def test_delong_paired_matches_proc(asah):
             assert res.ci[1] == pytest.approx(t["diff_ci95"][1], abs=1e-9)
 
 
+#: 5 PE, 7 normals, ties within and across classes. The reference values were computed once with exact
+#: fractions from DeLong's definition (structural components by pairwise comparison, psi = 1, 1/2, 0;
+#: S10 / m + S01 / n), independently of cpmn.stats, and normal quantiles from Python's statistics.NormalDist:
+#: AUC_a = 29/35, var_a = 167/9800, AUC_b = 6/7, var_b = 123/9800, var(AUC_a - AUC_b) = 19/1225.
+VENDORED_Y = [1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0]
+VENDORED_A = [0.9, 0.8, 0.8, 0.55, 0.3, 0.8, 0.5, 0.4, 0.4, 0.2, 0.1, 0.05]
+VENDORED_B = [0.7, 0.9, 0.4, 0.6, 0.6, 0.6, 0.65, 0.3, 0.1, 0.2, 0.35, 0.05]
+
+
+def test_delong_ci_and_paired_p_match_vendored_exact_values():
+    """Runs in every clone (the pROC oracle above needs ../shared): CI and paired z, p by exact arithmetic."""
+    y, a, b = (np.array(v) for v in (VENDORED_Y, VENDORED_A, VENDORED_B))
+    ca, cb = stats.delong_ci(y, a), stats.delong_ci(y, b)
+    assert ca.auc == pytest.approx(29 / 35, abs=1e-12) and ca.var == pytest.approx(167 / 9800, abs=1e-12)
+    assert ca.ci == pytest.approx((0.5727167936918168, 1.0), abs=1e-12)
+    assert cb.auc == pytest.approx(6 / 7, abs=1e-12) and cb.var == pytest.approx(123 / 9800, abs=1e-12)
+    assert cb.ci == pytest.approx((0.6375654720239639, 1.0), abs=1e-12)
+    res = stats.delong_test(y, a, b)
+    assert res.z == pytest.approx(-0.22941573387056174, abs=1e-12)
+    assert res.p == pytest.approx(0.8185458083820434, abs=1e-12)
+    half = 1.959963984540054 * (19 / 1225) ** 0.5
+    assert res.ci == pytest.approx((-1 / 35 - half, -1 / 35 + half), abs=1e-12)
+
+
 def _naive_delong(y, scores):
     """O(m n) structural components (DeLong 1988): psi(x, y) = 1 if x > y, 1/2 if tie, 0 otherwise."""
     y = y.astype(bool)
