@@ -3,14 +3,18 @@
 A stage reads one *section* of the study config (``register``, ``train`` ...). On the command line a
 section comes from ``--config FILE`` (a YAML study config such as ``config/config.yaml``) and may be
 overridden by ``--params JSON`` (what the Snakemake rules pass, so that ``snakemake --config`` overrides
-reach the stage). Functions in the package take plain dicts and keep their own defaults, which match
-``config/config.yaml``.
+reach the stage).
+
+The defaults have one source: the ``default:`` of every key in ``workflow/schemas/config.schema.yaml``
+(:func:`schema_defaults`). :func:`resolve` fills them in, and the package's ``DEFAULTS`` of each stage are
+that section of the schema, so a function called with a partial dict behaves as the workflow would.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import json
 from pathlib import Path
 from typing import Any
@@ -22,6 +26,30 @@ from cpmn.errors import InputError
 
 #: the study config's schema, shared with the workflow (common.smk validates the whole config with it)
 SCHEMA_PATH = Path(__file__).resolve().parents[1] / "workflow" / "schemas" / "config.schema.yaml"
+
+
+@functools.cache
+def _schema() -> dict[str, Any]:
+    if not SCHEMA_PATH.is_file():
+        raise FileNotFoundError(
+            f"{SCHEMA_PATH}: the config schema is missing (install the project from its checkout: "
+            "pip install -e .)"
+        )
+    return load_yaml(SCHEMA_PATH)
+
+
+def schema_defaults(section: str | None = None) -> dict[str, Any]:
+    """The schema's ``default:`` values: of one section's keys, or (``section=None``) of every section.
+
+    A fresh deep copy each call (callers may change it). Keys without a ``default:`` are left out.
+    """
+    props = _schema()["properties"]
+    if section is None:
+        return {name: schema_defaults(name) for name, sub in props.items() if "properties" in sub} | {
+            name: copy.deepcopy(sub["default"]) for name, sub in props.items() if "default" in sub
+        }
+    sub = props[section]
+    return {k: copy.deepcopy(v["default"]) for k, v in sub.get("properties", {}).items() if "default" in v}
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
@@ -80,9 +108,7 @@ def check_sections(cfg: dict[str, Any], section: str | None, source: str) -> Non
         InputError: the first schema violation, e.g. ``register: reg_iteration: unknown key``, naming
             ``source``.
     """
-    if not SCHEMA_PATH.is_file():  # an installed package without the workflow folder: nothing to check
-        return
-    schema = load_yaml(SCHEMA_PATH)
+    schema = _schema()
     sections = {section: cfg} if section is not None else cfg
     for name, value in sections.items():
         sub = schema["properties"].get(name)
@@ -100,8 +126,8 @@ def check_sections(cfg: dict[str, Any], section: str | None, source: str) -> Non
 
 
 def resolve(args: argparse.Namespace, section: str | None = None) -> dict[str, Any]:
-    """The effective config for a subcommand: files from ``--config``, then ``--params``, checked
-    against the config schema (:func:`check_sections`).
+    """The effective config for a subcommand: the schema's defaults, then files from ``--config``, then
+    ``--params``, checked against the config schema (:func:`check_sections`).
 
     With ``section`` the named section of the files is returned (``--params`` is taken to be that
     section already); without it, the whole merged config.
@@ -135,4 +161,63 @@ def resolve(args: argparse.Namespace, section: str | None = None) -> dict[str, A
             raise InputError(None, "--params", "must be a JSON object")
         cfg = deep_merge(cfg, extra)
     check_sections(cfg, section, source)
-    return cfg
+    return fill_defaults(cfg, section)
+
+
+def fill_defaults(cfg: dict[str, Any], section: str | None = None) -> dict[str, Any]:
+    """``cfg`` (one ``section``, or the whole config) with the schema's defaults for the keys it leaves out.
+
+    Keys merge one level into each section (a section's own mappings, such as ``convert.series_rules``,
+    are replaced whole, as are the ``variants``: a config that lists its variants lists all of them).
+    """
+    if section is not None:
+        return {**schema_defaults(section), **cfg}
+    out = copy.deepcopy(cfg)
+    for name, default in schema_defaults().items():
+        if isinstance(default, dict) and isinstance(out.get(name), dict) and name != "variants":
+            out[name] = {**default, **out[name]}
+        else:
+            out.setdefault(name, default)
+    return out
+
+
+def config_markdown() -> str:
+    """``docs/config.md``: every key of the schema with its default and description, section by section.
+
+    ``python -m cpmn.config > docs/config.md`` regenerates it; a test checks that the file is current.
+    """
+    schema = _schema()
+    out = [
+        "# Configuration reference",
+        "",
+        "Generated from `workflow/schemas/config.schema.yaml` by `python -m cpmn.config > docs/config.md`;",
+        "a test fails when this file and the schema disagree. `config/config.yaml` sets every key to the",
+        "default below; `config/paper.yaml` and `config/benchmark.yaml` override some.",
+        "",
+    ]
+    for name, sub in schema["properties"].items():
+        out += [f"## `{name}`", ""]
+        if sub.get("description"):
+            out += [sub["description"], ""]
+        if "properties" not in sub:
+            if "default" in sub:
+                out += [f"Default: `{json.dumps(sub['default'])}`", ""]
+            if name == "variants":
+                entry = sub["additionalProperties"]["properties"]
+                out += ["| entry key | default | description |", "| --- | --- | --- |"]
+                for key, prop in entry.items():
+                    default = f"`{json.dumps(prop['default'])}`" if "default" in prop else "-"
+                    out.append(f"| `{key}` | {default} | {prop.get('description', '')} |")
+                out.append("")
+            continue
+        out += ["| key | default | description |", "| --- | --- | --- |"]
+        for key, prop in sub["properties"].items():
+            default = json.dumps(prop["default"], ensure_ascii=False) if "default" in prop else "-"
+            text = prop.get("description", "").replace("|", "\\|")
+            out.append(f"| `{key}` | `{default}` | {text} |")
+        out.append("")
+    return "\n".join(out).rstrip() + "\n"
+
+
+if __name__ == "__main__":
+    print(config_markdown(), end="")

@@ -47,7 +47,7 @@ from monai.visualize import GradCAM
 from torch import nn
 from tqdm import tqdm
 
-from cpmn.config import add_config_arguments, resolve
+from cpmn.config import add_config_arguments, resolve, schema_defaults
 from cpmn.data.patches import DEFAULT_PATCH
 from cpmn.data.preprocess import read_preprocessed, to_original_grid
 from cpmn.data.split import read_splits
@@ -60,16 +60,8 @@ NPZ_KEYS = ("label", "nct", "affine", "orig_affine", "orig_shape")
 
 #: patient scores (``infer.score``)
 SCORES = ("centre", "max", "seg_volume")
-DEFAULTS: dict[str, Any] = {
-    "score": "centre",
-    "seg_volume_half_ml": 10.0,
-    "overlap": 0.25,
-    "sw_batch_size": 2,
-    "mask_splits": ["test"],
-    "cam_splits": ["test"],
-    "cam_positives_only": True,
-    "compare_scores": [],
-}
+#: the ``infer:`` section's defaults, from the config schema (their one source)
+DEFAULTS: dict[str, Any] = schema_defaults("infer")
 
 
 class SegmentationLogits(nn.Module):

@@ -197,8 +197,10 @@ class L_Total(nn.Module):
     ``outputs`` maps phase (``"ctpa"``, ``"nct"``) to that pathway's :class:`~cpmn.model.PathwayOutput`.
     With two pathways, L_clas, L_seg and L_disc are the sums of both pathways' terms (both are trained on
     the same patch labels and mask); L_KL and L_alig need both pathways and train only Ω2. ``seg_weight``
-    (default 1) lets a classification-only baseline switch segmentation off. ``mask`` ``(B, 1, X, Y, Z)``,
-    ``label`` ``(B,)``. Returns the total and a dict of every term (detached floats, keys :data:`TERMS`).
+    (default 1) lets a classification-only baseline switch segmentation off. The λ default to 0, as a
+    variant's entry in the config does (the paper's 0.25 / 10 / 0.1 are the ``cpmn`` variant's).
+    ``mask`` ``(B, 1, X, Y, Z)``, ``label`` ``(B,)``. Returns the total and a dict of every term
+    (detached floats, keys :data:`TERMS`).
     Every term is computed and logged even when its weight is 0 (L_KL and L_alig only with two pathways),
     so that the logs of, say, ``mls`` and ``mls_ifa`` show the same quantities. A term of weight 0 is
     computed under ``torch.no_grad()``: it adds nothing to the gradient, and its backward pass (about a
@@ -208,9 +210,9 @@ class L_Total(nn.Module):
     def __init__(
         self,
         phases: tuple[str, ...],
-        lambda1: float = 0.25,
-        lambda2: float = 10.0,
-        lambda3: float = 0.1,
+        lambda1: float = 0.0,
+        lambda2: float = 0.0,
+        lambda3: float = 0.0,
         seg_weight: float = 1.0,
         ifa_alpha: int = 2,
         ifa_beta: int = 2,

@@ -41,9 +41,8 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from cpmn import infer
-from cpmn.config import add_config_arguments, resolve
+from cpmn.config import add_config_arguments, resolve, schema_defaults
 from cpmn.data.dataset import IndexRange, PatchDataset, load_patient
-from cpmn.data.patches import DEFAULT_PATCH
 from cpmn.data.split import read_splits
 from cpmn.errors import InputError, atomic_path, report
 from cpmn.evaluate.metrics import dice as mask_dice
@@ -58,22 +57,9 @@ from cpmn.variants import (
     variant_score,
 )
 
-#: package defaults of the ``train:`` section for keys a config leaves out (config/config.yaml sets every key)
-TRAIN_DEFAULTS: dict[str, Any] = {
-    "epochs": 4,
-    "steps_per_epoch": 12,
-    "batch_size": 2,
-    "lr": 1.0e-3,
-    "lr_min": 1.0e-5,
-    "aug_prob": 0.1,
-    "seed": 0,
-    "num_workers": 0,
-    "device": "auto",
-    "amp": True,
-    "jitter": 4,
-    "pos_fraction": 0.5,
-}
-PATCH_DEFAULTS: dict[str, Any] = {"size": list(DEFAULT_PATCH)}
+#: the ``train:`` and ``patches:`` sections' defaults, from the config schema (their one source)
+TRAIN_DEFAULTS: dict[str, Any] = schema_defaults("train")
+PATCH_DEFAULTS: dict[str, Any] = schema_defaults("patches")
 LOG_COLUMNS = ("epoch", *TERMS, "lr", "val_auc", "val_dice", "seconds")
 
 

@@ -20,24 +20,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from cpmn.config import schema_defaults
 from cpmn.losses import L_Total
 from cpmn.model import DualPathway, Pathway, PathwayOutput
 
-#: package defaults of the ``model:`` section, the paper's choices, for keys a config leaves out
-#: (config/config.yaml sets every key to the CPU demo's value; config/paper.yaml overlays it)
-MODEL_DEFAULTS: dict[str, Any] = {
-    "backbone": "efficientnet-b0",
-    "ifa_level": 2,
-    "ifa_alpha": 2,
-    "ifa_beta": 2,
-    "bn_momentum": 0.1,
-    "norm": "batch",
-    "seg_loss": "focal",
-    "decoder_channels": [256, 128, 64, 32, 16],
-    "cls_level": 4,
-    "cls_pool": "avg",
-    "ifd_normalize": False,
-}
+#: the ``model:`` section's defaults, from the config schema (their one source)
+MODEL_DEFAULTS: dict[str, Any] = schema_defaults("model")
 PHASES = ("ctpa", "nct")
 
 

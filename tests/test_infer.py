@@ -95,7 +95,7 @@ def test_infer_writes_contract_and_masks_on_original_grid(study):
     df = _infer_test(
         study,
         out,
-        {"cam_positives_only": False},
+        {"cam_positives_only": False, "score": "centre"},
         nifti_dir=study["nifti"],
         ref_template=str(study["nifti"] / "{patient}" / "mask.nii.gz"),
     )
@@ -150,14 +150,25 @@ def test_max_score_is_at_least_every_window(study):
     assert best == pytest.approx(max(left, right), abs=1e-6)
 
 
-def test_cam_target_is_the_classifier_input(study):
-    head = ClassifierLogit(study["model"].pathway("nct")).eval()
+PAPER_MODEL = {"backbone": "efficientnet-b0", "cls_level": 4, "norm": "batch", "cls_pool": "avg"}
+
+
+@pytest.mark.parametrize(
+    ("model_cfg", "shape"),
+    [
+        ({}, (1, 64, 4, 4, 4)),  # the default plain-cnn, cls_level 2: 64 channels at stride 8
+        (PAPER_MODEL, (1, 320, 1, 1, 1)),  # the paper's: deepest EfficientNet-B0 map, stride 32
+    ],
+)
+def test_cam_target_is_the_classifier_input(model_cfg, shape):
+    entry = variant_entry("nct", {"variants": {"nct": {"pathways": ["nct"]}}, "model": model_cfg})
+    head = ClassifierLogit(build_model(entry, model_cfg).pathway("nct")).eval()
     name = cam_target_layer(head)
     seen = {}
     layer = dict(head.named_modules())[name]
     layer.register_forward_hook(lambda m, i, o: seen.update(shape=tuple(o.shape)))
     head(torch.rand(1, 1, *P))
-    assert seen["shape"] == (1, 320, 1, 1, 1)  # deepest EfficientNet-B0 map, stride 32
+    assert seen["shape"] == shape
 
 
 def test_cam_for_positives_only_by_default(study):

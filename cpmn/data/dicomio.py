@@ -29,20 +29,11 @@ import numpy as np
 import pydicom
 from pydicom.errors import InvalidDicomError
 
+from cpmn.config import schema_defaults
 from cpmn.errors import InputError
 
-#: defaults of the ``convert`` config section (config/config.yaml)
-DEFAULTS: dict[str, Any] = {
-    "series_rules": {
-        "nct": r"(non[- ]?contrast|plain|nativ|\bnct\b|without contrast|pre[- ]?contrast)",
-        "ctpa": r"(ctpa|angio|\bcta\b|contrast|\bpe\b|pulmonary)",
-    },
-    "contrast_threshold_hu": 150.0,
-    "min_slices": 20,
-    "axial_max_angle_deg": 30.0,
-    "heuristic_slices": 7,
-    "mask_plausible_fraction": 0.6,
-}
+#: the ``convert:`` section's defaults, from the config schema (their one source)
+DEFAULTS: dict[str, Any] = schema_defaults("convert")
 
 PHASES = ("nct", "ctpa")
 

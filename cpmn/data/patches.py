@@ -55,21 +55,12 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
-from cpmn.config import add_config_arguments, resolve
+from cpmn.config import add_config_arguments, resolve, schema_defaults
 from cpmn.data.preprocess import read_preprocessed
 from cpmn.errors import InputError, atomic_path, report
 
-#: defaults equal to config/config.yaml ``patches``
-DEFAULTS: dict[str, Any] = {
-    "size": [32, 32, 32],
-    "per_patient": 24,
-    "pos_fraction": 0.5,
-    "centre_pos_fraction": 0.5,
-    "centre_fraction": 0.5,
-    "vessel_fraction": 0.5,
-    "vessel_hu": 150.0,
-    "seed": 0,
-}
+#: the ``patches:`` section's defaults, from the config schema (their one source)
+DEFAULTS: dict[str, Any] = schema_defaults("patches")
 
 #: the default patch size P, for every stage that needs one when a config leaves it out
 DEFAULT_PATCH: tuple[int, int, int] = tuple(DEFAULTS["size"])

@@ -41,18 +41,12 @@ import numpy as np
 from nibabel.processing import resample_from_to
 from scipy import ndimage
 
-from cpmn.config import add_config_arguments, resolve
+from cpmn.config import add_config_arguments, resolve, schema_defaults
 from cpmn.data.niftiio import load_nifti
 from cpmn.errors import InputError, atomic_path, report
 
-#: defaults equal to config/config.yaml ``preprocess``
-DEFAULTS: dict[str, Any] = {
-    "spacing": [5.0, 5.0, 5.0],
-    "hu_window": [-200, 300],
-    "nct_hu_window": [-50, 150],
-    "body_threshold_hu": -500,
-    "body_margin_mm": 5.0,
-}
+#: the ``preprocess:`` section's defaults, from the config schema (their one source)
+DEFAULTS: dict[str, Any] = schema_defaults("preprocess")
 
 AIR_HU = -1024.0
 

@@ -50,27 +50,12 @@ from typing import Any
 
 import numpy as np
 
-from cpmn.config import add_config_arguments, resolve
+from cpmn.config import add_config_arguments, resolve, schema_defaults
 from cpmn.data.niftiio import load_nifti
 from cpmn.errors import InputError, atomic_path, report
 
-#: defaults equal to config/config.yaml ``register``
-DEFAULTS: dict[str, Any] = {
-    "type_of_transform": "SyN",
-    "aff_metric": "mattes",
-    "syn_metric": "mattes",
-    "reg_iterations": [40, 20, 0],
-    "aff_iterations": [2100, 1200, 1200, 10],
-    "aff_shrink_factors": [6, 4, 2, 1],
-    "aff_smoothing_sigmas": [3, 2, 1, 0],
-    "grad_step": 0.2,
-    "flow_sigma": 3,
-    "total_sigma": 0,
-    "random_seed": 1,
-    "hu_clip": [-1000, 600],
-    "reg_spacing": 4.0,
-    "body_threshold_hu": -500,
-}
+#: the ``register:`` section's defaults, from the config schema (their one source)
+DEFAULTS: dict[str, Any] = schema_defaults("register")
 
 AIR_HU = -1024.0
 

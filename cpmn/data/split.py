@@ -22,11 +22,11 @@ from typing import Any
 import pandas as pd
 from sklearn.model_selection import train_test_split
 
-from cpmn.config import add_config_arguments, resolve
+from cpmn.config import add_config_arguments, resolve, schema_defaults
 from cpmn.errors import InputError, atomic_path, report
 
-#: defaults equal to config/config.yaml ``split``
-DEFAULTS: dict[str, Any] = {"val_fraction": 0.2, "seed": 0}
+#: the ``split:`` section's defaults, from the config schema (their one source)
+DEFAULTS: dict[str, Any] = schema_defaults("split")
 
 SPLITS = ("train", "val", "test")
 

@@ -15,28 +15,12 @@ from typing import Any
 
 import numpy as np
 
-from cpmn.config import deep_merge
+from cpmn.config import deep_merge, schema_defaults
 from cpmn.errors import InputError, atomic_path
 from cpmn.evaluate import metrics as M
 
-#: defaults equal to config/config.yaml ``evaluate``
-DEFAULTS: dict[str, Any] = {
-    **M.DEFAULTS,
-    "table1_reference": "nct",
-    "table1": [
-        {"variant": "ctpa", "label": "CTPA model"},
-        {"variant": "nct", "label": "NCT model"},
-        {"variant": "mls", "label": "+MLS"},
-        {"variant": "mls_ifa", "label": "+MLS+IFA"},
-        {"variant": "cpmn", "label": "+MLS+IFA+IFD"},
-    ],
-    "table2": {
-        "reference": "cpmn",
-        "rows": [{"variant": "nct", "label": "3D U-Net (NCT)"}, {"variant": "cpmn", "label": "CPMN"}],
-    },
-    "fig2b_case": "auto",
-    "fig2b_window": [-160.0, 240.0],
-}
+#: the ``evaluate:`` section's defaults, from the config schema (their one source)
+DEFAULTS: dict[str, Any] = schema_defaults("evaluate")
 
 __all__ = ["evaluate_study", "DEFAULTS"]
 

@@ -27,21 +27,15 @@ from typing import Any
 import numpy as np
 
 from cpmn import stats
+from cpmn.config import schema_defaults
 from cpmn.errors import InputError
 
 REQUIRED_COLUMNS = ("patient_id", "split", "label", "prob")
 PATH_COLUMNS = ("mask", "cam", "image", "ref_mask")
 READER_COLUMNS = ("reader", "patient_id", "decision")
 
-#: defaults, equal to config/config.yaml ``evaluate``
-DEFAULTS: dict[str, Any] = {
-    "threshold": "youden",
-    "fixed_threshold": 0.5,
-    "target_sensitivity": 0.9,
-    "bootstrap": 1000,
-    "permutations": 10000,
-    "seed": 0,
-}
+#: the ``evaluate:`` section's defaults, from the config schema (their one source)
+DEFAULTS: dict[str, Any] = schema_defaults("evaluate")
 
 
 @dataclass

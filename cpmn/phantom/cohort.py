@@ -28,39 +28,14 @@ import numpy as np
 import pandas as pd
 from pydicom.uid import generate_uid
 
+from cpmn.config import schema_defaults
 from cpmn.errors import InputError
 from cpmn.phantom import anatomy as A
 from cpmn.phantom import physics as P
 from cpmn.phantom.dicom import write_series
 
-#: defaults = the ``synthetic:`` section of config/config.yaml
-DEFAULTS: dict[str, Any] = {
-    "patients": 48,
-    "seed": 2026,
-    "pe_fraction": 0.5,
-    "shape": [100, 100, 64],
-    "spacing": [3.2, 3.2, 3.2],
-    "years": [2020, 2021, 2022],
-    "extra_series_fraction": 0.3,
-    "clots_per_patient": [2, 5],
-    "nct_clot_contrast_hu": [20, 40],
-    "nct_occult_fraction": 0.2,
-    "clot_generation_weights": [0.4, 0.45, 0.15],
-    "occlusive_fraction": 0.6,
-    "clot_half_length": [2.0, 4.0],
-    "ctpa_vessel_hu": [250, 550],
-    "nct_blood_hu": [35, 50],
-    "ctpa_clot_hu": [20, 70],
-    "noise_sd_nct": 18.0,
-    "noise_sd_ctpa": 10.0,
-    "blur_sigma_mm": 1.0,
-    "max_misalignment_mm": 8.0,
-    "readers": 3,
-    "montage": True,
-    "tree_generations": 8,
-    "murray_exponent": 2.5,
-    "uninformative_description_fraction": 0.3,
-}
+#: the ``synthetic:`` section's defaults, from the config schema (their one source)
+DEFAULTS: dict[str, Any] = schema_defaults("synthetic")
 
 PLAN_KEY = 2**31 - 1
 DISPLACEMENT_CONVENTION = (

@@ -35,12 +35,12 @@ import numpy as np
 from nibabel.processing import resample_from_to
 from scipy import ndimage
 
-from cpmn.config import add_config_arguments, resolve
+from cpmn.config import add_config_arguments, resolve, schema_defaults
 from cpmn.data.split import read_splits
 from cpmn.errors import InputError, atomic_path, report
 
-#: observer settings (the ``ceiling:`` section of the config schema)
-DEFAULTS: dict[str, Any] = {"core_fraction": 0.5, "kernel": 3, "min_voxels": 4}
+#: the ``ceiling:`` section's defaults, from the config schema (their one source)
+DEFAULTS: dict[str, Any] = schema_defaults("ceiling")
 SIGN = {"nct": 1.0, "ctpa": -1.0}
 COLUMNS = ("phase", "split", "n", "n_pe", "auc", "auc_low", "auc_high")
 
