@@ -1,7 +1,6 @@
 # Config validation, the cohort, and the named input functions (no lambdas in rules).
 import json
 import os
-import re
 import shlex
 import shutil
 import sys
@@ -12,7 +11,12 @@ import yaml
 from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
 
+# cpmn.runlog needs the standard library only: import it from the checkout, installed or not
+sys.path.insert(0, str(Path(workflow.basedir)))
+from cpmn.runlog import exclusion_lines, failure_lines, sheet_column_error
+
 validate(config, schema="../schemas/config.schema.yaml")
+COHORT_SCHEMA = Path(workflow.current_basedir) / "../schemas/cohort.schema.yaml"
 
 # The rules call the `cpmn` command; when Snakemake runs from a virtualenv that is not activated
 # (.venv/bin/snakemake), the command lies beside the interpreter.
@@ -213,34 +217,14 @@ def final_outputs():
 
 
 if not SYNTHETIC:
-    # The sheet as a whole (readable, every column of the schema) is checked here; its rows are validated
-    # against workflow/schemas/cohort.schema.yaml by `cpmn screen`, which excludes a bad row with one line
-    # (patient, sheet, row and column) and lets the rest of the cohort go on.
-    _sheet = config["cohort"]["sheet"]
-    try:
-        _columns = pd.read_csv(_sheet, sep="\t", dtype=str, nrows=0).columns
-    except Exception as err:
-        raise WorkflowError(
-            f"cohort sheet {_sheet}: cannot read it ({type(err).__name__}: {err})"
-        )
-    _schema = yaml.safe_load(
-        (Path(workflow.current_basedir) / "../schemas/cohort.schema.yaml").read_text()
+    # Before any job: the sheet is readable and has the cohort schema's required columns (its rows are
+    # validated by `cpmn screen`, which excludes a bad row with one line and lets the rest go on).
+    _error = sheet_column_error(
+        config["cohort"]["sheet"],
+        yaml.safe_load(COHORT_SCHEMA.read_text())["required"],
     )
-    _missing = [c for c in _schema["required"] if c not in _columns]
-    if _missing:
-        _header = Path(_sheet).read_text(errors="replace").partition("\n")[0]
-        _hint = next(
-            (
-                f" (the sheet is read as tab-separated, TSV; this header is {name}-separated:"
-                " save it as TSV)"
-                for sep, name in ((",", "comma"), (";", "semicolon"))
-                if "\t" not in _header and sep in _header
-            ),
-            "",
-        )
-        raise WorkflowError(
-            f"cohort sheet {_sheet}: lacks column(s) {', '.join(_missing)}{_hint}"
-        )
+    if _error:
+        raise WorkflowError(_error)
 
 
 def ref_template(wildcards):
@@ -271,77 +255,12 @@ def output_dir(key):
 
 
 def print_exclusions():
-    """Repeat the screening's exclusions on the console at the end of a run (onsuccess/onerror): they are
-    otherwise only in results/qc/excluded.tsv and the screen_cohort log, where a user may not look.
-    """
-    path = Path(f"{RES}/qc/excluded.tsv")
-    if not path.is_file():
-        return
-    table = pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False)
-    for row in table.itertuples(index=False):
-        print(
-            f"EXCLUDED patient {row.patient_id or '?'}: {row.file}: {row.reason}",
-            file=sys.stderr,
-        )
-    if len(table):
-        ids = table["patient_id"].nunique()
-        print(
-            f"{len(table)} row(s) excluded by screening ({ids} patient id(s)): see {path}",
-            file=sys.stderr,
-        )
-
-
-FAILED_JOB = "Error in rule "  # how the Snakemake log opens a failed job's block
-
-
-def failed_patients(snakemake_logs):
-    """``{patient: error line}`` of the jobs that failed in this run with a cpmn error line: each failed
-    job's block in the Snakemake log names the job's log, whose "ERROR patient P: FILE: reason" line names
-    the patient (`cpmn.errors.report`)."""
-    failed = {}
-    for main in snakemake_logs or []:
-        try:
-            text = Path(main).read_text(errors="replace")
-        except OSError:
-            continue
-        in_block = False
-        for line in text.splitlines():
-            if line.startswith(FAILED_JOB):
-                in_block = True
-            elif in_block and line.strip().startswith("log: "):
-                in_block = False
-                for job_log in line.strip()[5:].split(" (check log")[0].split(", "):
-                    try:
-                        lines = Path(job_log).read_text(errors="replace").splitlines()
-                    except OSError:
-                        continue
-                    for err in lines:
-                        m = re.match(r"ERROR patient (\S+): ", err)
-                        if m:  # "?": an error of the cohort as a whole (e.g. split)
-                            failed.setdefault(m.group(1), err)
-            elif in_block and not line.startswith(" "):
-                in_block = False
-    return failed
+    """onsuccess/onerror: the screening's exclusions again (cpmn.runlog.exclusion_lines)."""
+    for line in exclusion_lines(f"{RES}/qc/excluded.tsv"):
+        print(line, file=sys.stderr)
 
 
 def print_failure_hint(snakemake_logs=()):
-    """After a failed run (onerror): the patients that passed screening but failed a later stage, and the
-    cohort.exclude that leaves them out at screening, so that the rest of the cohort goes on.
-    """
-    failed = failed_patients(snakemake_logs)
-    for pid in ("?", "None"):
-        if (
-            pid in failed
-        ):  # no patient to leave out: the cohort (or a file of the study) is at fault
-            print(f"FAILED: {failed.pop(pid).split(': ', 1)[1]}", file=sys.stderr)
-    for err in failed.values():
-        print(f"FAILED after screening: {err[len('ERROR '):]}", file=sys.stderr)
-    if failed:
-        ids = ", ".join(
-            dict.fromkeys([*map(str, config["cohort"].get("exclude") or []), *failed])
-        )
-        print(
-            f"{len(failed)} patient(s) failed after screening. Fix the input, or leave them out: set"
-            f" cohort.exclude: [{ids}] in the config and run again; the jobs already done are kept.",
-            file=sys.stderr,
-        )
+    """onerror: the patients that failed after screening and the cohort.exclude to set (cpmn.runlog)."""
+    for line in failure_lines(snakemake_logs, config["cohort"].get("exclude") or []):
+        print(line, file=sys.stderr)
