@@ -167,7 +167,7 @@ class L_disc(nn.Module):
     ``normalize=True`` first scales every feature vector to unit length (``x_v / ‖x_v‖``, the centres are
     then centroids of unit vectors), so the loss (at most 2) cannot be lowered by shrinking the features,
     which is the trivial minimum of the plain form: with it the segmentation of a short CPU run collapsed to
-    all background (see docs/method.md).
+    all background (see docs/method-choices.md).
     """
 
     def __init__(self, normalize: bool = False):

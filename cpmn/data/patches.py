@@ -18,7 +18,7 @@ Why centre positives: with every positive centred on a clot (plus ``train.jitter
 "an embolus near the patch centre". A small CNN trained that way scored the bank positives of test
 patients 0.6-0.9 but their centre patches, which hold the same emboli off-centre, 0.15-0.45 (patch AUC
 0.96, centre-patch AUC 0.61); with half the positives from the centre region its centre-patch AUC on the
-CPU default's test split went from 0.56 to 0.75 (docs/method.md, "Patches").
+CPU default's test split went from 0.56 to 0.75 (docs/method-choices.md, "Patches").
 
 Hard negatives. Positives sit on emboli, i.e. on the central pulmonary arteries; if the negatives were drawn
 uniformly from the body, "the patch is centred on a large vessel" would separate the two, and the classifier

@@ -14,7 +14,7 @@ Steps, in order:
    [0, 1]: fat and lung saturate at 0, contrast-enhanced blood (250-550 HU) near 1, and emboli (20-70 HU),
    unenhanced blood (35-50 HU) and soft tissue fall in between. ``nct_hu_window`` (null: the same window)
    gives the NCT its own, narrower window, in which the 20-40 HU step of a hyperdense clot over blood spans
-   more of the input range (docs/method.md).
+   more of the input range (docs/method-choices.md).
 4. **Body crop**: threshold the NCT at ``body_threshold_hu`` (-500 HU: soft tissue vs air), keep the
    largest connected component (drops the table and outside air pockets), take its bounding box plus
    ``body_margin_mm`` and, to be safe, the bounding box of the embolus mask.
