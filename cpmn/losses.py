@@ -64,8 +64,29 @@ class L_seg(nn.Module):
         logits, mask = logits.float(), mask.float()
         loss = self.focal(logits, mask)
         if self.dice is not None:
-            loss = loss + self.dice(logits, mask)
+            loss = loss + (_ddp_batch_dice(logits, mask) if _ddp_world() > 1 else self.dice(logits, mask))
         return loss
+
+
+def _ddp_world() -> int:
+    dist = torch.distributed
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def _ddp_batch_dice(logits: torch.Tensor, mask: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """The batch Dice loss of :class:`L_seg` over the *global* batch of a DDP run (every rank's samples).
+
+    ``Σ p y``, ``Σ p`` and ``Σ y`` of the embolus channel are summed over the ranks with a differentiable
+    all-reduce (as nnU-Net does for its batch Dice), so the loss, and after DDP's gradient averaging the
+    gradient, equal one process with the whole batch. ``logits`` ``(b, 2, X, Y, Z)``, ``mask``
+    ``(b, 1, X, Y, Z)``; returns a scalar.
+    """
+    from torch.distributed.nn.functional import all_reduce  # only under torchrun
+
+    p = torch.softmax(logits, dim=1)[:, 1]
+    y = mask[:, 0]
+    sums = all_reduce(torch.stack([(p * y).sum(), p.sum(), y.sum()]))
+    return 1.0 - (2.0 * sums[0] + eps) / (sums[1] + sums[2] + eps)
 
 
 def _log_two_class(logit: torch.Tensor) -> torch.Tensor:

@@ -16,6 +16,13 @@ an existing ``last.pt`` of the same settings *and the same data* (ordered train/
 their preprocessed volumes and patch banks, :func:`data_fingerprint`) resumes from it and ends with the same
 weights as an uninterrupted run; a finished one only rewrites a removed ``model.pt``. A checkpoint of other
 settings or other data is never resumed: training starts afresh and says why in one line.
+
+Under ``torchrun --nproc_per_node N cpmn train ...`` (DDP; NCCL on CUDA, one GPU per process, gloo on CPU)
+each process draws its own ``batch_size / N`` samples of every step (:class:`~cpmn.data.dataset.StepShard`),
+the gradients are averaged, and the result equals one process with the whole batch up to floating-point
+summation order (the losses are means over samples; ``L_disc``'s batch centres and BatchNorm statistics are
+per process, as in any DDP run). Only rank 0 validates and writes ``model.pt``, ``last.pt`` and the log;
+every rank resumes from ``last.pt``.
 """
 
 from __future__ import annotations
@@ -42,7 +49,7 @@ from tqdm import tqdm
 
 from cpmn import infer
 from cpmn.config import add_config_arguments, resolve, schema_defaults
-from cpmn.data.dataset import IndexRange, PatchDataset, load_patient
+from cpmn.data.dataset import PatchDataset, StepShard, load_patient
 from cpmn.data.split import read_splits
 from cpmn.errors import InputError, atomic_path, report
 from cpmn.evaluate.metrics import dice as mask_dice
@@ -77,6 +84,32 @@ def autocast_dtype(device: torch.device, amp: bool) -> torch.dtype | None:
     if amp and device.type == "cuda" and torch.cuda.is_bf16_supported():
         return torch.bfloat16
     return None
+
+
+def distributed_setup(device: str = "auto") -> tuple[int, int, bool]:
+    """``(rank, world_size, initialised_here)`` under torchrun (``WORLD_SIZE`` > 1), else ``(0, 1, False)``.
+
+    Starts the process group when torchrun's environment asks for one and none exists: NCCL on CUDA, gloo
+    on CPU.
+    """
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1, False
+    dist = torch.distributed
+    here = False
+    if not dist.is_initialized():
+        cuda = resolve_device(device).type == "cuda"
+        dist.init_process_group("nccl" if cuda else "gloo")
+        here = True
+    return dist.get_rank(), dist.get_world_size(), here
+
+
+def distributed_teardown(initialised_here: bool) -> None:
+    """Wait for every rank, then end the process group if :func:`distributed_setup` started it."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        if initialised_here:
+            torch.distributed.destroy_process_group()
 
 
 def train_step(
@@ -249,7 +282,13 @@ def train_variant(
     )
 
     out_dir.mkdir(parents=True, exist_ok=True)
+    rank, world, own_group = distributed_setup(str(tcfg["device"]))
+    if bs % world:
+        raise ValueError(f"train.batch_size {bs} is not divisible by the {world} processes of torchrun")
     device = resolve_device(str(tcfg["device"]))
+    if world > 1 and device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
     amp_dtype = autocast_dtype(device, bool(tcfg["amp"]))
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     torch.use_deterministic_algorithms(True, warn_only=True)
@@ -258,6 +297,10 @@ def train_variant(
     _seed_everything(int(tcfg["seed"]))
     model = build_model(entry, model_cfg).to(device)
     loss_fn = build_loss(entry, model_cfg).to(device)
+    # DDP averages the ranks' gradients of their B / N samples: the gradient of the mean over all B
+    net: torch.nn.Module = model
+    if world > 1:
+        net = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=not segments)
     opt = torch.optim.Adam(model.parameters(), lr=float(tcfg["lr"]))
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total_steps, eta_min=float(tcfg["lr_min"]))
 
@@ -292,8 +335,8 @@ def train_variant(
     for epoch in range(start_epoch, epochs):
         loader = DataLoader(
             dataset,
-            batch_size=bs,
-            sampler=IndexRange(epoch * spe * bs, (epoch + 1) * spe * bs),
+            batch_size=bs // world,
+            sampler=StepShard(epoch * spe, (epoch + 1) * spe, bs, rank, world),
             num_workers=int(tcfg["num_workers"]),
             pin_memory=pin,
             generator=torch.Generator().manual_seed(0),  # keeps the global torch RNG untouched
@@ -312,15 +355,22 @@ def train_variant(
         for batch in bar:
             if max_steps is not None and step >= max_steps:
                 bar.close()
+                distributed_teardown(own_group)
                 return {"status": "stopped", "step": step, "best_val_auc": best_auc, "rows": rows}
             batch = {k: v.to(device, non_blocking=pin) for k, v in batch.items()}
-            total, terms = train_step(model, loss_fn, opt, batch, device, amp_dtype)
+            total, terms = train_step(net, loss_fn, opt, batch, device, amp_dtype)
             sched.step()
             step += 1
             for k in TERMS:
                 sums[k] += terms[k]
             bar.set_postfix(loss=f"{terms['L_total']:.4f}")
         bar.close()
+        if world > 1:  # the epoch's mean terms over every rank's samples, as one process would log them
+            means = torch.tensor([sums[k] for k in TERMS], dtype=torch.float64)
+            torch.distributed.all_reduce(means)
+            sums = {k: float(v) / world for k, v in zip(TERMS, means, strict=True)}
+        if rank > 0:  # rank 0 validates and writes; the others go on to the next epoch's first all-reduce
+            continue
 
         pathway = model.pathway(phase)
         scores, dices = [], []
@@ -371,6 +421,9 @@ def train_variant(
         _write_log(log_path, rows)
         if progress:
             print(f"{variant} epoch {epoch + 1}/{epochs}: L_total {row['L_total']:.4f} val_auc {auc:.3f}")
+    distributed_teardown(own_group)
+    if rank > 0:
+        return {"status": "done", "step": step, "best_val_auc": best_auc, "rows": rows}
     if not model_path.is_file():
         # a finished checkpoint resumed after model.pt was removed (Snakemake deletes a rerun job's outputs)
         if best_state is None:

@@ -80,17 +80,30 @@ def load_bank(pid: str, patches_dir: str | Path, shape: Sequence[int]) -> tuple[
     return centres, positive
 
 
-class IndexRange(Sampler[int]):
-    """Sample indices ``start, start + 1, ..., stop - 1``: the sampler position is ``start``."""
+class StepShard(Sampler[int]):
+    """The sample indices of optimiser steps ``start .. stop - 1`` that one of ``world`` processes draws.
 
-    def __init__(self, start: int, stop: int):
-        self.start, self.stop = int(start), int(stop)
+    Step ``s`` of a global batch ``B`` is samples ``s·B .. s·B + B - 1``; rank ``r`` takes its ``B / world``
+    consecutive ones, ``s·B + r·b .. s·B + (r + 1)·b - 1`` with ``b = B / world``. The ranks' indices are
+    disjoint, together they are one process's, and the sampler position stays ``step·B``, so the exact
+    resume works unchanged. With ``world = 1`` these are the indices ``start·B .. stop·B - 1``.
+    """
+
+    def __init__(self, start: int, stop: int, batch: int, rank: int = 0, world: int = 1):
+        if batch % world:
+            raise ValueError(f"batch {batch} is not divisible by {world} processes")
+        if not 0 <= rank < world:
+            raise ValueError(f"rank {rank} is not in 0..{world - 1}")
+        self.start, self.stop, self.batch, self.rank, self.world = int(start), int(stop), batch, rank, world
 
     def __iter__(self) -> Iterator[int]:
-        return iter(range(self.start, self.stop))
+        b = self.batch // self.world
+        for s in range(self.start, self.stop):
+            first = s * self.batch + self.rank * b
+            yield from range(first, first + b)
 
     def __len__(self) -> int:
-        return max(0, self.stop - self.start)
+        return max(0, self.stop - self.start) * (self.batch // self.world)
 
 
 class PatchDataset(Dataset):
