@@ -87,6 +87,15 @@ def train_params():
     return json.dumps({k: config[k] for k in keys}, separators=(",", ":"))
 
 
+def train_launcher(wildcards, resources):
+    """`cpmn`, or torchrun with one DDP process per GPU for a training job given several GPUs
+    (``--set-resources train:gpu=N``, as profiles/slurm-gpu does); train.batch_size is the global batch."""
+    gpus = int(resources.get("gpu", 0) or 0)
+    if gpus > 1:
+        return f"torchrun --standalone --nproc_per_node {gpus} -m cpmn.cli"
+    return "cpmn"
+
+
 def train_priority(wildcards):
     """Dual-pathway variants (about twice the work of a single one) start first, so that the
     cores stay busy to the end instead of one long job running alone."""

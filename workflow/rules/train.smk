@@ -31,7 +31,8 @@ rule train:
         pre=input_dir("preprocessed"),
         patches=input_dir("patches"),
         cfg=train_params(),
+        launcher=train_launcher,
     shell:
-        "cpmn train --variant {wildcards.variant} --splits {input.splits} --preprocessed-dir {params.pre}"
+        "{params.launcher} train --variant {wildcards.variant} --splits {input.splits} --preprocessed-dir {params.pre}"
         " --patches-dir {params.patches} --out-dir {params.out} --threads {threads}"
         " --params {params.cfg:q} > {log} 2>&1"
