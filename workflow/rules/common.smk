@@ -89,7 +89,8 @@ def train_params():
 
 def train_launcher(wildcards, resources):
     """`cpmn`, or torchrun with one DDP process per GPU for a training job given several GPUs
-    (``--set-resources train:gpu=N``, as profiles/slurm-gpu does); train.batch_size is the global batch."""
+    (``--set-resources train:gpu=N``, as profiles/slurm-gpu does); train.batch_size is the global batch.
+    """
     gpus = int(resources.get("gpu", 0) or 0)
     if gpus > 1:
         return f"torchrun --standalone --nproc_per_node {gpus} -m cpmn.cli"
