@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 CORES ?= 2
 
-.PHONY: demo test test-all lint format slurm-test bench lock clean
+.PHONY: demo test test-all lint format slurm-test bench gpu-check lock clean
 
 $(STAMP): requirements.lock pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -44,6 +44,10 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/delong.py
 	$(BIN)/python benchmarks/train_step.py
 	$(BIN)/python benchmarks/register.py
+
+## on a CUDA machine: CPMN at the paper's 224x224x96, batch 6, bf16 (s/step, peak memory, TFLOP/s); < 5 min on one H100
+gpu-check: $(STAMP)
+	$(BIN)/python benchmarks/gpu_check.py --out gpu_check.json
 
 ## re-resolve the lock file from the direct dependencies (needs the package index)
 lock:
