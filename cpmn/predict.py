@@ -36,12 +36,13 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 import torch
+from nibabel.orientations import apply_orientation, axcodes2ornt, io_orientation, ornt_transform
 from scipy import ndimage
 
 from cpmn import __version__, card, infer
 from cpmn.data.convert import convert_patient
 from cpmn.data.niftiio import load_nifti
-from cpmn.data.preprocess import prepare_nct, to_original_grid
+from cpmn.data.preprocess import filled_body, prepare_nct, to_original_grid
 from cpmn.errors import InputError, report
 from cpmn.evaluate.figures import cam_overview
 from cpmn.train import resolve_device
@@ -95,6 +96,18 @@ def read_scan(
         "reason": chosen["reason"],
     }
     return img, source
+
+
+def input_body(img: nib.Nifti1Image, threshold_hu: float) -> np.ndarray:
+    """The filled body of ``img`` on its own grid, in its own voxel order: bool of ``img.shape``.
+
+    Voxels above ``threshold_hu``, each axial slice's holes filled (lungs and airways inside), the axial
+    slices taken in the canonical (RAS) orientation whatever the stored voxel order.
+    """
+    own = io_orientation(img.affine)
+    ras = axcodes2ornt(("R", "A", "S"))
+    hu = apply_orientation(np.asarray(img.dataobj, dtype=np.float32), ornt_transform(own, ras))
+    return apply_orientation(filled_body(hu > threshold_hu), ornt_transform(ras, own)).astype(bool)
 
 
 def largest_component(mask: np.ndarray, affine: np.ndarray) -> dict[str, Any] | None:
@@ -178,7 +191,10 @@ def predict_scan(
             mask=mask,
             z=z,
         )
+        # the coarse grid's body, brought back by nearest neighbour, overhangs the skin by up to half a
+        # coarse voxel: keep the input grid's own filled body too
         on_input = to_original_grid(mask, grid, order=0).astype(np.uint8)
+        on_input &= input_body(img, float(grid["body_threshold_hu"])).astype(np.uint8)
         affine = np.asarray(grid["orig_affine"], dtype=float)
         nib.save(nib.Nifti1Image(on_input, affine), stage / "mask.nii.gz")
         voxel_ml = abs(float(np.linalg.det(affine[:3, :3]))) / 1000.0

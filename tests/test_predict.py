@@ -240,3 +240,22 @@ def test_a_real_head_ct_is_refused_as_no_chest(scan, tmp_path, capsys):
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("ERROR")]
     assert rc == 1 and len(err) == 1 and ("no chest" in err[0] or "CT" in err[0]), err
     assert not (tmp_path / "o").exists()
+
+
+def test_input_body_fills_axial_slices_in_any_voxel_order():
+    from cpmn.predict import input_body
+
+    hu = np.full((12, 10, 8), -1000.0, dtype=np.float32)  # RAS voxel order: axis 2 is axial
+    hu[2:10, 2:8, 1:7] = 40.0
+    hu[4:8, 4:6, 1:7] = -850.0  # a "lung" enclosed in every axial slice: inside
+    hu[4:8, 4:6, 3] = 40.0
+    ras = nib.Nifti1Image(hu, np.diag([1.0, 1.0, 2.0, 1.0]))
+    want = np.zeros(hu.shape, dtype=bool)
+    want[2:10, 2:8, 1:7] = True
+    assert (input_body(ras, -500.0) == want).all()
+    # the scan stored as (I, P, L) voxels: axis 0 is axial, a slice-wise fill along axis 2 would be wrong
+    stored = np.ascontiguousarray(hu.transpose(2, 1, 0)[::-1, ::-1, ::-1])
+    affine = np.array([[0, 0, -1.0, 11], [0, -1.0, 0, 9], [-2.0, 0, 0, 14], [0, 0, 0, 1]])
+    got = input_body(nib.Nifti1Image(stored, affine), -500.0)
+    assert (got == want.transpose(2, 1, 0)[::-1, ::-1, ::-1]).all()
+    assert got.sum() == want.sum() == 8 * 6 * 6
