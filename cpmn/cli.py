@@ -10,6 +10,7 @@ import argparse
 import importlib
 import sys
 
+from cpmn import __version__
 from cpmn.errors import InputError, report
 
 #: subcommand -> (module, one-line help)
@@ -46,7 +47,6 @@ def _top_parser() -> argparse.ArgumentParser:
 
 
 def _version() -> str:
-    from cpmn import __version__
 
     return __version__
 

@@ -37,8 +37,9 @@ import yaml
 
 from cpmn.config import add_config_arguments, resolve
 from cpmn.data.convert import parse_phases
-from cpmn.data.dicomio import PHASES, Series, params_with_defaults, scan_series, select_phases
+from cpmn.data.dicomio import PHASES, Series, params_with_defaults, read_hu_slice, scan_series, select_phases
 from cpmn.errors import InputError, atomic_path, report
+from cpmn.evaluate.metrics import load_readers
 
 SCHEMA_PATH = Path(__file__).resolve().parents[2] / "workflow" / "schemas" / "cohort.schema.yaml"
 COLUMNS = ["patient_id", "label", "study_date", "nct_dicom", "ctpa_dicom", "ctpa_mask"]
@@ -153,7 +154,6 @@ def grid_mismatch(
 
 def ctpa_volume(series: Series) -> np.ndarray:
     """``(X=columns, Y=rows, Z=slices)`` HU of a series, on the grid of :meth:`Series.ras_affine`."""
-    from cpmn.data.dicomio import read_hu_slice
 
     return np.stack([read_hu_slice(h).T for h in series.slices], axis=-1)
 
@@ -298,7 +298,6 @@ def screen_row(
 def check_readers(path: str | os.PathLike, sheet_ids: set[str]) -> None:
     """Validate the reader-study TSV and that every patient it reads is in the cohort sheet
     (:func:`cpmn.evaluate.metrics.load_readers`); raises :class:`InputError` naming the file and data row."""
-    from cpmn.evaluate.metrics import load_readers
 
     load_readers(path, patients=sheet_ids)
 

@@ -23,6 +23,7 @@ import pandas as pd
 from sklearn.model_selection import train_test_split
 
 from cpmn.config import add_config_arguments, resolve, schema_defaults
+from cpmn.data.screen import read_sheet
 from cpmn.errors import InputError, atomic_path, report
 
 #: the ``split:`` section's defaults, from the config schema (their one source)
@@ -122,7 +123,6 @@ def _validate(split_df: pd.DataFrame, source: str, test_year: int) -> None:
 def split_sheet(sheet: str | Path, out: str | Path, params: dict[str, Any] | None = None) -> pd.DataFrame:
     """Read the cohort sheet (TSV), split it, write ``out`` (TSV) and print the counts per split."""
     sheet = Path(sheet)
-    from cpmn.data.screen import read_sheet  # the reader screening uses: text cells, "NA" stays an id
 
     try:
         df = read_sheet(sheet)

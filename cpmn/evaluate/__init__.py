@@ -17,6 +17,7 @@ import numpy as np
 
 from cpmn.config import deep_merge, schema_defaults
 from cpmn.errors import InputError, atomic_path
+from cpmn.evaluate import figures, tables
 from cpmn.evaluate import metrics as M
 
 #: the ``evaluate:`` section's defaults, from the config schema (their one source)
@@ -133,8 +134,6 @@ def evaluate_study(
             warnings.append(
                 f"readers: reference variant {ref2!r} has no predictions; reader study not evaluated"
             )
-
-    from cpmn.evaluate import figures, tables
 
     metrics = {v: e.metrics for v, e in evals.items()}
     t1 = tables.build_table(

@@ -14,6 +14,7 @@ import sys
 
 from cpmn.config import add_config_arguments, resolve
 from cpmn.errors import InputError, report
+from cpmn.evaluate import evaluate_study
 
 
 def _variant_dir(text: str) -> tuple[str, str]:
@@ -48,7 +49,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from cpmn.evaluate import evaluate_study
 
     names = [v for v, _ in args.predictions]
     if len(set(names)) != len(names):

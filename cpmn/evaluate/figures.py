@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from cpmn.data.niftiio import load_nifti
 from cpmn.errors import InputError, atomic_path
 from cpmn.evaluate.metrics import VariantEval
 
@@ -98,8 +99,6 @@ def fig2a_roc(
 
 def _canonical(path: Path, patient: str, what: str):
     import nibabel as nib
-
-    from cpmn.data.niftiio import load_nifti
 
     img = nib.as_closest_canonical(load_nifti(path, patient, what))
     return np.asarray(img.dataobj, dtype=np.float32), np.asarray(img.header.get_zooms()[:3], dtype=float)

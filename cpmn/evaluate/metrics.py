@@ -28,6 +28,7 @@ import numpy as np
 
 from cpmn import stats
 from cpmn.config import schema_defaults
+from cpmn.data.niftiio import load_nifti
 from cpmn.errors import InputError
 
 REQUIRED_COLUMNS = ("patient_id", "split", "label", "prob")
@@ -230,7 +231,6 @@ def dice(pred: np.ndarray, ref: np.ndarray) -> float:
 
 def load_mask(path: Path, patient: str) -> np.ndarray:
     """A NIfTI mask as bool ``(X, Y, Z)`` (``> 0.5``); a missing or unreadable file is an InputError."""
-    from cpmn.data.niftiio import load_nifti
 
     return load_nifti(path, patient, "mask").get_fdata(dtype=np.float32) > 0.5
 

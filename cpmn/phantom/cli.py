@@ -7,6 +7,7 @@ import time
 
 from cpmn.config import add_config_arguments, resolve
 from cpmn.errors import InputError, report
+from cpmn.phantom.cohort import generate_cohort
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -22,7 +23,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from cpmn.phantom.cohort import generate_cohort
 
     params = resolve(args, "synthetic")
     if args.patients is not None:

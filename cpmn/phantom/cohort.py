@@ -33,6 +33,7 @@ from cpmn.errors import InputError
 from cpmn.phantom import anatomy as A
 from cpmn.phantom import physics as P
 from cpmn.phantom.dicom import write_series
+from cpmn.phantom.montage import write_montage
 
 #: the ``synthetic:`` section's defaults, from the config schema (their one source)
 DEFAULTS: dict[str, Any] = schema_defaults("synthetic")
@@ -443,8 +444,6 @@ def generate_cohort(
         readers.to_csv(tmp / "readers.tsv", sep="\t", index=False)
         _write_readme(tmp, p, sheet)
         if p["montage"]:
-            from cpmn.phantom.montage import write_montage
-
             plan = plan_cohort(p)
             picks = [int(sheet.index[sheet.label == lab][0]) for lab in (1, 0) if (sheet.label == lab).any()]
             cases = [generate_patient(tmp, p, i, plan=plan, write=False, keep_arrays=True) for i in picks]

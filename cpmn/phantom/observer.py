@@ -38,6 +38,7 @@ from scipy import ndimage
 from cpmn.config import add_config_arguments, resolve, schema_defaults
 from cpmn.data.split import read_splits
 from cpmn.errors import InputError, atomic_path, report
+from cpmn.stats import delong_ci
 
 #: the ``ceiling:`` section's defaults, from the config schema (their one source)
 DEFAULTS: dict[str, Any] = schema_defaults("ceiling")
@@ -109,7 +110,6 @@ def patient_scores(
 
 def ceiling_table(rows: Sequence[Mapping[str, Any]], splits: Mapping[str, str]) -> list[dict[str, Any]]:
     """Per phase and split (and ``all``): patients, PE patients, AUC and its DeLong 95% CI."""
-    from cpmn.stats import delong_ci
 
     table = []
     for phase in SIGN:
