@@ -19,7 +19,7 @@ from cpmn.cli import main
 from cpmn.data.convert import convert_patient
 from cpmn.data.preprocess import CONTRACT, prepare_nct, preprocess_patient
 from cpmn.phantom.cohort import generate_patient, plan_cohort, resolve_params
-from cpmn.predict import largest_component, predict_scan
+from cpmn.predict import input_body, largest_component, predict_scan
 from cpmn.variants import build_model, variant_entry
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "real"
@@ -243,8 +243,6 @@ def test_a_real_head_ct_is_refused_as_no_chest(scan, tmp_path, capsys):
 
 
 def test_input_body_fills_axial_slices_in_any_voxel_order():
-    from cpmn.predict import input_body
-
     hu = np.full((12, 10, 8), -1000.0, dtype=np.float32)  # RAS voxel order: axis 2 is axial
     hu[2:10, 2:8, 1:7] = 40.0
     hu[4:8, 4:6, 1:7] = -850.0  # a "lung" enclosed in every axial slice: inside
