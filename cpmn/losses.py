@@ -1,6 +1,6 @@
 """The losses of Eq. 5, one module each, named as in the paper.
 
-``L_Total = L_clas + L_seg + λ1 L_KL + λ2 L_alig + λ3 L_disc`` with λ1 = 0.25, λ2 = 10, λ3 = 0.1 by
+``L_total = L_clas + L_seg + λ1 L_KL + λ2 L_alig + λ3 L_disc`` with λ1 = 0.25, λ2 = 10, λ3 = 0.1 by
 default (``variants.cpmn`` in config/config.yaml).
 
 Pathway 1 (Ω1) sees CTPA, pathway 2 (Ω2) sees NCT (CTPA registered to NCT, so both share the mask).
@@ -212,7 +212,7 @@ class L_disc(nn.Module):
         return 0.5 * (diff**2).sum(dim=1).mean()
 
 
-class L_Total(nn.Module):
+class L_total(nn.Module):
     """Eq. 5 for one variant: ``L_clas + w_seg·L_seg + λ1 L_KL + λ2 L_alig + λ3 L_disc``.
 
     ``outputs`` maps phase (``"ctpa"``, ``"nct"``) to that pathway's :class:`~cpmn.model.PathwayOutput`.

@@ -120,9 +120,9 @@ def train_step(
     device: torch.device,
     amp_dtype: torch.dtype | None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """One optimisation step of Eq. 5: forward (autocast when ``amp_dtype``), ``L_Total``, backward, step.
+    """One optimisation step of Eq. 5: forward (autocast when ``amp_dtype``), ``L_total``, backward, step.
 
-    ``batch`` is already on ``device``. Returns ``(L_Total, terms)``. The benchmark times exactly this.
+    ``batch`` is already on ``device``. Returns ``(L_total, terms)``. The benchmark times exactly this.
     """
     with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
         outputs = model(batch)

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from cpmn.config import schema_defaults
-from cpmn.losses import L_Total
+from cpmn.losses import L_total
 from cpmn.model import DualPathway, Pathway, PathwayOutput
 
 #: the ``model:`` section's defaults, from the config schema (their one source)
@@ -133,10 +133,10 @@ def build_model(entry: Mapping[str, Any], model_cfg: Mapping[str, Any]) -> Varia
     )
 
 
-def build_loss(entry: Mapping[str, Any], model_cfg: Mapping[str, Any]) -> L_Total:
-    """The Eq. 5 loss (:class:`~cpmn.losses.L_Total`) of a normalised variant entry."""
+def build_loss(entry: Mapping[str, Any], model_cfg: Mapping[str, Any]) -> L_total:
+    """The Eq. 5 loss (:class:`~cpmn.losses.L_total`) of a normalised variant entry."""
     m = {**MODEL_DEFAULTS, **model_cfg}
-    return L_Total(
+    return L_total(
         tuple(entry["pathways"]),
         lambda1=entry["lambda1"],
         lambda2=entry["lambda2"],
@@ -149,7 +149,7 @@ def build_loss(entry: Mapping[str, Any], model_cfg: Mapping[str, Any]) -> L_Tota
     )
 
 
-def build_variant(name: str, cfg: Mapping[str, Any]) -> tuple[VariantModel, L_Total]:
+def build_variant(name: str, cfg: Mapping[str, Any]) -> tuple[VariantModel, L_total]:
     """``(model, loss_fn)`` of variant ``name``; ``cfg`` holds the ``model`` and ``variants`` sections.
 
     ``loss_fn(model(batch), batch["mask"], batch["label"]) -> (total, terms)``.

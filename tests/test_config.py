@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from cpmn import config as C
-from cpmn.losses import L_Total
+from cpmn.losses import L_total
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -90,10 +90,10 @@ def test_resolve_of_nothing_is_the_schema_defaults_and_a_partial_config_is_fille
 
 
 def test_loss_weights_default_to_the_variant_entry_defaults():
-    """L_Total's λ defaults are a variant entry's (0), so a variant that names no λ trains no transfer."""
+    """L_total's λ defaults are a variant entry's (0), so a variant that names no λ trains no transfer."""
     from cpmn.variants import build_loss, variant_entry
 
-    sig = inspect.signature(L_Total.__init__).parameters
+    sig = inspect.signature(L_total.__init__).parameters
     entry_props = C.load_yaml(C.SCHEMA_PATH)["properties"]["variants"]["additionalProperties"]["properties"]
     for k in ("lambda1", "lambda2", "lambda3", "seg_weight"):
         assert sig[k].default == entry_props[k]["default"], k
