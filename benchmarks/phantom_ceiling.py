@@ -3,10 +3,10 @@
 Usage: ``.venv/bin/python benchmarks/phantom_ceiling.py [--patients 48] [--seed 2026] [--spacing 5]
 [--set KEY=JSON ...]``, e.g. ``--set nct_clot_contrast_hu=[10,25]``.
 
-Each patient is generated in memory (:func:`cpmn.phantom.cohort.generate_patient`); each phase and its
+Each patient is generated in memory (:func:`cpmn.synthetic.cohort.generate_patient`); each phase and its
 truth lumen are resampled to the preprocessing spacing (trilinear, as ``cpmn preprocess``), windowed as
 config.yaml's ``preprocess.hu_window``, and scored by the ceiling observer
-(:func:`cpmn.phantom.observer.observer_score`). The CTPA is scored on its own grid with its own lumen, so no
+(:func:`cpmn.synthetic.observer.observer_score`). The CTPA is scored on its own grid with its own lumen, so no
 registration enters; the workflow's ``results/tables/ceiling.tsv`` scores the registered CTPA.
 Prints the AUC per phase over all patients (2 processes).
 """
@@ -26,8 +26,8 @@ from nibabel.processing import resample_from_to
 from sklearn.metrics import roc_auc_score
 
 from cpmn.data.preprocess import target_grid, window
-from cpmn.phantom.cohort import generate_patient, resolve_params
-from cpmn.phantom.observer import SIGN, observer_score
+from cpmn.synthetic.cohort import generate_patient, resolve_params
+from cpmn.synthetic.observer import SIGN, observer_score
 
 ROOT = Path(__file__).resolve().parents[1]
 

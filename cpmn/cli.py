@@ -15,7 +15,7 @@ from cpmn.errors import InputError, report
 
 #: subcommand -> (module, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
-    "synth": ("cpmn.phantom.cli", "generate the synthetic dual-phase cohort (DICOM, masks, truth, sheet)"),
+    "synthetic": ("cpmn.synthetic.cli", "generate the synthetic dual-phase cohort (DICOM, masks, truth)"),
     "screen": ("cpmn.data.screen", "check every cohort-sheet row; write the included and excluded tables"),
     "convert": ("cpmn.data.convert", "DICOM -> NIfTI with dcm2niix, picking the NCT and CTPA series"),
     "register": ("cpmn.data.register", "register CTPA to NCT (antspyx) and warp image and mask"),
@@ -25,7 +25,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "split": ("cpmn.data.split", "temporal hold-out test year plus a stratified validation split"),
     "train": ("cpmn.train", "train one variant (single or dual pathway)"),
     "infer": ("cpmn.infer", "sliding-window inference: patient probability, mask and CAM"),
-    "ceiling": ("cpmn.phantom.observer", "the phantom's ceiling: a truth-informed observer's AUC per phase"),
+    "ceiling": ("cpmn.synthetic.observer", "the phantom's ceiling: a truth-informed observer's AUC by phase"),
     "curves": (
         "cpmn.evaluate.curves",
         "training curves of every variant (loss terms, validation AUC and Dice)",

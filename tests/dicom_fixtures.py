@@ -12,7 +12,7 @@ import nibabel as nib
 import numpy as np
 import pydicom
 
-from cpmn.phantom.dicom import write_series
+from cpmn.synthetic.dicom import write_series
 
 SHAPE = (48, 48, 24)
 #: RAS affine: x and y flipped (what scanners store), 5 x 5 x 6 mm voxels

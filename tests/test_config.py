@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 #: every stage's package defaults and the schema section they must equal
 PACKAGE_DEFAULTS = [
-    ("cpmn.phantom.cohort", "DEFAULTS", "synthetic"),
+    ("cpmn.synthetic.cohort", "DEFAULTS", "synthetic"),
     ("cpmn.data.dicomio", "DEFAULTS", "convert"),
     ("cpmn.data.register", "DEFAULTS", "register"),
     ("cpmn.data.preprocess", "DEFAULTS", "preprocess"),
@@ -27,7 +27,7 @@ PACKAGE_DEFAULTS = [
     ("cpmn.train", "TRAIN_DEFAULTS", "train"),
     ("cpmn.infer", "DEFAULTS", "infer"),
     ("cpmn.evaluate", "DEFAULTS", "evaluate"),
-    ("cpmn.phantom.observer", "DEFAULTS", "ceiling"),
+    ("cpmn.synthetic.observer", "DEFAULTS", "ceiling"),
 ]
 
 

@@ -12,7 +12,7 @@ import numpy as np
 import pydicom
 import pytest
 
-from cpmn.phantom.dicom import RESCALE_INTERCEPT, dicom_date, write_series
+from cpmn.synthetic.dicom import RESCALE_INTERCEPT, dicom_date, write_series
 
 DCM2NIIX = shutil.which("dcm2niix", path=str(Path(sys.executable).parent)) or shutil.which("dcm2niix")
 

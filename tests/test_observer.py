@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from cpmn.phantom.observer import ceiling_table, observer_score
+from cpmn.synthetic.observer import ceiling_table, observer_score
 
 
 def _vessel(value=0.5):

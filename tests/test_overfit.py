@@ -14,7 +14,7 @@ from nibabel.processing import resample_from_to
 
 from cpmn.data.patches import contains_embolus
 from cpmn.data.preprocess import target_grid, window
-from cpmn.phantom.cohort import generate_patient, plan_cohort, resolve_params
+from cpmn.synthetic.cohort import generate_patient, plan_cohort, resolve_params
 from cpmn.variants import build_variant
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -18,8 +18,8 @@ from cpmn.bundle import export_bundle
 from cpmn.cli import main
 from cpmn.data.convert import convert_patient
 from cpmn.data.preprocess import CONTRACT, prepare_nct, preprocess_patient
-from cpmn.phantom.cohort import generate_patient, plan_cohort, resolve_params
 from cpmn.predict import input_body, largest_component, predict_scan
+from cpmn.synthetic.cohort import generate_patient, plan_cohort, resolve_params
 from cpmn.variants import build_model, variant_entry
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "real"

@@ -298,7 +298,7 @@ def test_two_phantom_patients_masks_swapped_are_implausible():
     """Two PE patients of the default phantom: each annotation on its own CTPA is plausible (>= 0.6); the
     masks swapped (grids a few mm apart, as the issue's 0.375-voxel case) are not."""
     from cpmn.data.screen import mask_plausibility
-    from cpmn.phantom.cohort import generate_patient, plan_cohort, resolve_params
+    from cpmn.synthetic.cohort import generate_patient, plan_cohort, resolve_params
 
     cfg = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())
     params = resolve_params({**cfg["synthetic"], "patients": 12})

@@ -88,7 +88,7 @@ def test_the_shipped_configs_give_a_valid_split(overlay):
     from pathlib import Path
 
     from cpmn.config import load_config
-    from cpmn.phantom.cohort import plan_cohort
+    from cpmn.synthetic.cohort import plan_cohort
 
     root = Path(__file__).resolve().parents[1] / "config"
     files = [root / "config.yaml"] + ([root / overlay] if overlay else [])

@@ -27,7 +27,7 @@ def test_dry_run_builds_the_dag(tmp_path):
     r = snakemake("-n", "--config", f"results={tmp_path}/results")
     assert r.returncode == 0, r.stderr[-2000:]
     out = r.stdout + r.stderr
-    for rule in ("synthesize_cohort", "screen_cohort", "split", "train", "infer", "evaluate"):
+    for rule in ("synthetic", "screen_cohort", "split", "train", "infer", "evaluate"):
         assert rule in out
     # one training job per variant of the config, and one inference job per variant and split
     variants = yaml.safe_load((ROOT / "config/config.yaml").read_text())["variants"]

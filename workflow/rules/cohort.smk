@@ -1,15 +1,15 @@
 # The cohort: the synthetic phantom (embedded default), screening of every row, and the temporal split.
 
 
-rule synthesize_cohort:
+rule synthetic:
     output:
         **montage_output(),
         sheet=f"{SYNTH_DIR}/cohort.tsv",
         readers=f"{SYNTH_DIR}/readers.tsv",
     log:
-        f"{RES}/logs/synthesize_cohort.log",
+        f"{RES}/logs/synthetic.log",
     benchmark:
-        f"{RES}/benchmarks/synthesize_cohort.tsv"
+        f"{RES}/benchmarks/synthetic.tsv"
     conda:
         "../../envs/dicom.yaml"
     threads: 2
@@ -20,7 +20,7 @@ rule synthesize_cohort:
         out=output_dir("sheet"),
         cfg=section("synthetic"),
     shell:
-        "cpmn synth --out {params.out} --jobs {threads} --params {params.cfg:q} > {log} 2>&1"
+        "cpmn synthetic --out {params.out} --jobs {threads} --params {params.cfg:q} > {log} 2>&1"
 
 
 checkpoint screen_cohort:

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
-from cpmn.phantom import anatomy as A
-from cpmn.phantom.anatomy import Anatomy, Segment
+from cpmn.synthetic import anatomy as A
+from cpmn.synthetic.anatomy import Anatomy, Segment
 
 
 @dataclass
@@ -165,7 +165,7 @@ class Clot:
 def sample_clots(rng: np.random.Generator, an: Anatomy, p: dict, n: int, blood: float) -> list[Clot]:
     """``n`` emboli in central (gen 1), lobar (2) or segmental (3) arteries, partly or fully occlusive.
 
-    ``p`` (the resolved ``synthetic:`` section, :func:`cpmn.phantom.cohort.resolve_params`):
+    ``p`` (the resolved ``synthetic:`` section, :func:`cpmn.synthetic.cohort.resolve_params`):
     ``clot_generation_weights`` (odds of generations 1, 2, 3),
     ``occlusive_fraction``, ``clot_half_length`` (range of the capsule's half length, in vessel radii, at most
     0.4 of the segment), ``nct_occult_fraction``, ``nct_clot_contrast_hu``, ``ctpa_clot_hu``.

@@ -1,4 +1,4 @@
-"""The synthetic dual-phase chest CT cohort (``cpmn synth``).
+"""The synthetic dual-phase chest CT cohort (``cpmn synthetic``).
 
 - ``anatomy``: the chest as signed distances of world coordinates, with recursive pulmonary-artery trees.
 - ``physics``: tissue HU per phase, emboli, rendering, blur and noise, the cross-phase misalignment.

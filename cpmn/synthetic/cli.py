@@ -1,4 +1,4 @@
-"""``cpmn synth --out DIR --patients N --seed S [--config FILE] [--params JSON]``: the synthetic cohort."""
+"""``cpmn synthetic --out DIR --patients N --seed S [--config FILE] [--params JSON]``: the cohort."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import time
 
 from cpmn.config import add_config_arguments, resolve
 from cpmn.errors import InputError, report
-from cpmn.phantom.cohort import generate_cohort
+from cpmn.synthetic.cohort import generate_cohort
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

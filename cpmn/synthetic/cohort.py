@@ -30,10 +30,10 @@ from pydicom.uid import generate_uid
 
 from cpmn.config import schema_defaults
 from cpmn.errors import InputError
-from cpmn.phantom import anatomy as A
-from cpmn.phantom import physics as P
-from cpmn.phantom.dicom import write_series
-from cpmn.phantom.montage import write_montage
+from cpmn.synthetic import anatomy as A
+from cpmn.synthetic import physics as P
+from cpmn.synthetic.dicom import write_series
+from cpmn.synthetic.montage import write_montage
 
 #: the ``synthetic:`` section's defaults, from the config schema (their one source)
 DEFAULTS: dict[str, Any] = schema_defaults("synthetic")
@@ -405,7 +405,7 @@ def _generate_one(args: tuple) -> dict:
 def generate_cohort(
     out_dir: str | Path, params: dict | None = None, *, progress: bool = False, jobs: int = 1
 ) -> pd.DataFrame:
-    """Write the whole synthetic cohort into ``out_dir`` (layout: docs/contracts.md, ``synth``).
+    """Write the whole synthetic cohort into ``out_dir`` (layout: docs/contracts.md, ``synthetic``).
 
     Everything is generated in a temporary sibling folder and moved into place at the end, so a failure
     leaves no partial output. Returns the cohort sheet (``patient_id, label, study_date, nct_dicom,
@@ -465,7 +465,7 @@ def generate_cohort(
 def _write_readme(d: Path, p: dict, sheet: pd.DataFrame) -> None:
     n_pe = int(sheet.label.sum())
     txt = [
-        "# Synthetic dual-phase chest CT cohort (cpmn synth) - NOT patient data",
+        "# Synthetic dual-phase chest CT cohort (cpmn synthetic) - NOT patient data",
         "",
         f"{len(sheet)} patients ({n_pe} PE, {len(sheet) - n_pe} normal), seed {p['seed']}, "
         f"shape {p['shape']}, spacing {p['spacing']} mm, years {p['years']}.",

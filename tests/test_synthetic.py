@@ -1,4 +1,4 @@
-"""Tests of the synthetic dual-phase chest cohort (cpmn.phantom): geometry through dcm2niix, determinism,
+"""Tests of the synthetic dual-phase chest cohort (cpmn.synthetic): geometry through dcm2niix, determinism,
 embolus truth, phase physics and the cross-phase misalignment."""
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ import pytest
 from scipy import ndimage
 
 from cpmn.errors import InputError
-from cpmn.phantom import cohort as C
-from cpmn.phantom.anatomy import segment_distance
+from cpmn.synthetic import cohort as C
+from cpmn.synthetic.anatomy import segment_distance
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 REAL = SHARED / "data" / "real"
@@ -321,7 +321,7 @@ def test_cli_runs(tmp_path):
 
     rc = main(
         [
-            "synth",
+            "synthetic",
             "--out",
             str(tmp_path / "c"),
             "--patients",

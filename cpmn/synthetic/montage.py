@@ -18,7 +18,7 @@ def _coronal(vol: np.ndarray, j: int) -> np.ndarray:
 
 
 def write_montage(cases: list[dict], out_png: str | Path) -> Path:
-    """Render the montage of ``cases``: results of :func:`cpmn.phantom.cohort.generate_patient` with
+    """Render the montage of ``cases``: results of :func:`cpmn.synthetic.cohort.generate_patient` with
     ``keep_arrays`` (the caller regenerates them; no DICOM is read).
 
     Rows: one per case (the cohort passes one PE and one normal patient). Columns: NCT axial and CTPA
