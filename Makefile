@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 CORES ?= 2
 
-.PHONY: demo test test-all lint format slurm-test bench gpu-check lock clean
+.PHONY: demo test test-all lint format slurm-test bench gpu-check paper-smoke lock clean
 
 $(STAMP): requirements.lock pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -48,6 +48,12 @@ bench: $(STAMP)
 ## on a CUDA machine: CPMN at the paper's 224x224x96, batch 6, bf16 (s/step, peak memory, TFLOP/s); < 5 min on one H100
 gpu-check: $(STAMP)
 	$(BIN)/python benchmarks/gpu_check.py --out gpu_check.json
+
+## the whole workflow at the paper's scale on CPU (config/paper.yaml, 4 patients at a clinical grid, 2 steps per
+## variant); every job's seconds and peak RSS land in results/paper-smoke/benchmarks/
+paper-smoke: $(STAMP)
+	$(BIN)/snakemake --cores $(CORES) --workflow-profile profiles/default \
+	  --configfile config/paper.yaml config/paper-smoke.yaml
 
 ## re-resolve the lock file from the direct dependencies (needs the package index)
 lock:
