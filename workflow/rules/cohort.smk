@@ -14,7 +14,7 @@ rule synthetic:
         "../../envs/dicom.yaml"
     threads: 2
     resources:
-        mem_mb=4000,
+        mem_mb=synthetic_mem_mb,
         runtime=30,
     params:
         out=output_dir("sheet"),
