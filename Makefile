@@ -49,7 +49,7 @@ bench: $(STAMP)
 gpu-check: $(STAMP)
 	$(BIN)/python benchmarks/gpu_check.py --out gpu_check.json
 
-## the whole workflow at the paper's scale on CPU (config/paper.yaml, 4 patients at a clinical grid, 2 steps per
+## the whole workflow at the paper's scale on CPU (config/paper.yaml, 6 patients at a clinical grid, 2 steps per
 ## variant); every job's seconds and peak RSS land in results/paper-smoke/benchmarks/
 paper-smoke: $(STAMP)
 	$(BIN)/snakemake --cores $(CORES) --workflow-profile profiles/default \
