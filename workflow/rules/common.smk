@@ -46,7 +46,9 @@ if not SYNTHETIC and not config["cohort"].get("sheet"):
 def synthetic_mem_mb(wildcards, threads):
     """Memory (MB) of the phantom's job: about 160 bytes per NCT voxel per worker (15.0 GB measured for 2
     workers at 448 x 448 x 240), at least 4 GB."""
-    return max(4000, int(threads * math.prod(config["synthetic"]["shape"]) * 160 / 1e6) + 500)
+    return max(
+        4000, int(threads * math.prod(config["synthetic"]["shape"]) * 160 / 1e6) + 500
+    )
 
 
 def montage_output():
