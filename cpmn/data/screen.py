@@ -34,6 +34,7 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 import yaml
+from scipy import ndimage
 
 from cpmn.config import add_config_arguments, resolve
 from cpmn.data.convert import parse_phases
@@ -185,8 +186,6 @@ def mask_plausibility(
     another patient's mask lands on enhanced blood, lung or fat. On the benchmark phantom's first 24 PE
     patients (3.2 mm): 0.77–0.98 for the true masks, 0.05–0.49 for each patient's mask given to the next
     patient (with 4 voxels instead of 12.8 mm: 0.72–0.93 and 0.05–0.49)."""
-    from scipy import ndimage
-
     if not np.any(mask > 0):
         return 1.0, 0
     at = mask_on_ctpa(mask, mask_affine, ctpa_hu.shape, ctpa_affine)
