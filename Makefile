@@ -58,9 +58,10 @@ paper-smoke: $(STAMP)
 ## re-resolve the lock file from the direct dependencies (needs the package index)
 lock:
 	rm -rf /tmp/cpmn-lock && $(PYTHON) -m venv /tmp/cpmn-lock
-	/tmp/cpmn-lock/bin/pip install --quiet torch==2.13.0 "numpy<2.4" antspyx==0.6.3 monai \
+	/tmp/cpmn-lock/bin/pip install --quiet torch==2.13.0 "numpy<2.4" antspyx==0.6.3 monai einops \
+	  dynamic-network-architectures==0.3.1 \
 	  "snakemake>=9,<10" snakemake-executor-plugin-slurm nibabel pydicom dcm2niix pandas scikit-learn \
-	  statsmodels matplotlib scipy tqdm pyyaml jsonschema pytest ruff snakefmt
+	  statsmodels matplotlib scipy h5py tqdm pyyaml jsonschema pytest ruff snakefmt
 	{ echo "# Pinned, resolved set (pip freeze of a fresh venv). Regenerate with: make lock"; \
 	  /tmp/cpmn-lock/bin/pip freeze | sed 's/+cpu$$//'; } > requirements.lock
 

@@ -37,8 +37,29 @@ from cpmn.variants import MODEL_DEFAULTS, load_for_inference
 
 
 def network_def(model_cfg: dict[str, Any], entry: dict[str, Any]) -> dict[str, Any]:
-    """The ``network_def`` of ``inference.json``: :class:`cpmn.model.Pathway` with the trained settings."""
+    """The ``network_def`` of ``inference.json``: the trained pathway's class (:class:`cpmn.model.Pathway`, or
+    a Table 2 baseline's from :mod:`cpmn.baselines`) with the trained settings."""
     m = {**MODEL_DEFAULTS, **model_cfg}
+    head = {
+        "ifa_level": int(m["ifa_level"]),
+        "cls_level": int(m["cls_level"]),
+        "cls_pool": str(m["cls_pool"]),
+    }
+    arch = entry.get("architecture", "flexunet")
+    if arch == "nnunet":
+        return {
+            "_target_": "cpmn.baselines.NNUNetPathway",
+            "patch_size": [int(v) for v in entry["patch_size"]],
+            "spacing": [float(v) for v in entry["spacing"]],
+            **head,
+        }
+    if arch == "swinunetr":
+        return {
+            "_target_": "cpmn.baselines.SwinUNETRPathway",
+            "feature_size": int(m["swin_feature_size"]),
+            "norm": str(m["norm"]),
+            **head,
+        }
     return {
         "_target_": "cpmn.model.Pathway",
         "backbone": entry["backbone"],
@@ -66,7 +87,7 @@ def export_bundle(model_dir: str | os.PathLike, out: str | os.PathLike) -> Path:
         raise InputError(None, weights, f"the model reads {phase.upper()}; bundles are for NCT models")
     patch = [int(v) for v in model_card["patch_size"]]
     inference = {
-        "imports": ["$import torch", "$import cpmn.model"],
+        "imports": ["$import torch", "$import cpmn.model", "$import cpmn.baselines"],
         "bundle_root": ".",
         "device": "$torch.device('cuda' if torch.cuda.is_available() else 'cpu')",
         "network_def": network_def(model_card["model_cfg"], entry),

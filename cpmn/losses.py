@@ -21,7 +21,7 @@ from torch import nn
 
 from cpmn.model import PathwayOutput
 
-TERMS = ("L_clas", "L_seg", "L_KL", "L_alig", "L_disc", "L_total")
+TERMS = ("L_clas", "L_seg", "L_KL", "L_alig", "L_disc", "L_mutual", "L_total")
 
 
 class L_clas(nn.Module):
@@ -106,6 +106,26 @@ class L_KL(nn.Module):
         log_p1 = _log_two_class(logit1.detach().float())
         log_p2 = _log_two_class(logit2.float())
         return (log_p2.exp() * (log_p2 - log_p1)).sum(dim=1).mean()
+
+
+class L_mutual(nn.Module):
+    """Deep mutual learning (DML, Zhang et al., CVPR 2018, Eqs. 2-3): each pathway learns from the other.
+
+    ``D_KL(p2 ‖ p1)`` with ``p2`` detached trains Ω1, and ``D_KL(p1 ‖ p2)`` with ``p1`` detached trains Ω2,
+    where ``D_KL(q ‖ p) = Σ_k q_k (log q_k - log p_k)`` over the two classes of ``p = [1 - σ(z), σ(z)]``;
+    as in the reference implementation, each network's KL treats the other's prediction as a fixed target.
+    ``logit1``, ``logit2`` ``(B,)``; returns the sum of the two KLs, each averaged over the batch. Unlike
+    L_KL (Eq. 1, one way, Ω1 the teacher), the gradient reaches both pathways.
+    """
+
+    @staticmethod
+    def _kl(target_logit: torch.Tensor, logit: torch.Tensor) -> torch.Tensor:
+        log_q = _log_two_class(target_logit.detach().float())
+        log_p = _log_two_class(logit.float())
+        return (log_q.exp() * (log_q - log_p)).sum(dim=1).mean()
+
+    def forward(self, logit1: torch.Tensor, logit2: torch.Tensor) -> torch.Tensor:
+        return self._kl(logit2, logit1) + self._kl(logit1, logit2)
 
 
 class L_alig(nn.Module):
@@ -213,13 +233,14 @@ class L_disc(nn.Module):
 
 
 class L_total(nn.Module):
-    """Eq. 5 for one variant: ``L_clas + w_seg·L_seg + λ1 L_KL + λ2 L_alig + λ3 L_disc``.
+    """Eq. 5 for one variant: ``L_clas + w_seg·L_seg + λ1 L_KL + λ2 L_alig + λ3 L_disc (+ w_mut·L_mutual)``.
 
     ``outputs`` maps phase (``"ctpa"``, ``"nct"``) to that pathway's :class:`~cpmn.model.PathwayOutput`.
     With two pathways, L_clas, L_seg and L_disc are the sums of both pathways' terms (both are trained on
     the same patch labels and mask); L_KL and L_alig need both pathways and train only Ω2. ``seg_weight``
     (default 1) lets a classification-only baseline switch segmentation off. The λ default to 0, as a
     variant's entry in the config does (the paper's 0.25 / 10 / 0.1 are the ``cpmn`` variant's).
+    ``mutual_kl`` (``w_mut``, default 0) weighs :class:`L_mutual`, the DML baseline's two-way KL.
     ``mask`` ``(B, 1, X, Y, Z)``, ``label`` ``(B,)``. Returns the total and a dict of every term
     (detached floats, keys :data:`TERMS`).
     Every term is computed and logged even when its weight is 0 (L_KL and L_alig only with two pathways),
@@ -235,6 +256,7 @@ class L_total(nn.Module):
         lambda2: float = 0.0,
         lambda3: float = 0.0,
         seg_weight: float = 1.0,
+        mutual_kl: float = 0.0,
         ifa_alpha: int = 2,
         ifa_beta: int = 2,
         seg_dice: bool = False,
@@ -243,16 +265,18 @@ class L_total(nn.Module):
         super().__init__()
         self.phases = tuple(phases)
         dual = set(self.phases) == {"ctpa", "nct"}
-        if (lambda1 > 0 or lambda2 > 0) and not dual:
-            raise ValueError("L_KL and L_alig (lambda1, lambda2) need both pathways [ctpa, nct]")
+        if (lambda1 > 0 or lambda2 > 0 or mutual_kl > 0) and not dual:
+            raise ValueError("lambda1, lambda2, mutual_kl (L_KL, L_alig, L_mutual) need both pathways")
         self.lambda1, self.lambda2, self.lambda3 = float(lambda1), float(lambda2), float(lambda3)
         self.seg_weight = float(seg_weight)
+        self.mutual_kl = float(mutual_kl)
         self.dual = dual
         self.clas = L_clas()
         self.seg = L_seg(dice=seg_dice)
         self.kl = L_KL()
         self.alig = L_alig(ifa_alpha, ifa_beta)
         self.disc = L_disc(normalize=disc_normalize)
+        self.mutual = L_mutual()
 
     def forward(
         self, outputs: Mapping[str, PathwayOutput], mask: torch.Tensor, label: torch.Tensor
@@ -265,6 +289,7 @@ class L_total(nn.Module):
             "L_KL": self.lambda1,
             "L_alig": self.lambda2,
             "L_disc": self.lambda3,
+            "L_mutual": self.mutual_kl,
         }
 
         def term(name: str, fn: nn.Module, *args: torch.Tensor) -> torch.Tensor:
@@ -279,12 +304,14 @@ class L_total(nn.Module):
         if self.dual:
             t["L_KL"] = term("L_KL", self.kl, outputs["ctpa"].cls, outputs["nct"].cls)
             t["L_alig"] = term("L_alig", self.alig, outputs["ctpa"].enc, outputs["nct"].enc)
+            t["L_mutual"] = term("L_mutual", self.mutual, outputs["ctpa"].cls, outputs["nct"].cls)
         total = (
             t["L_clas"]
             + self.seg_weight * t["L_seg"]
             + self.lambda1 * t["L_KL"]
             + self.lambda2 * t["L_alig"]
             + self.lambda3 * t["L_disc"]
+            + self.mutual_kl * t["L_mutual"]
         )
         terms = {k: float(v.detach()) for k, v in t.items()}
         terms["L_total"] = float(total.detach())

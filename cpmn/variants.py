@@ -6,7 +6,9 @@
     nct_cls: {pathways: [nct], seg_weight: 0.0}        # a Table 2 baseline: NCT classification only
 
 Keys: ``pathways`` ([ctpa], [nct] or [ctpa, nct]), ``lambda1``/``lambda2``/``lambda3`` (Eq. 5, default 0),
-``seg_weight`` (weight of L_seg, default 1) and ``backbone`` (default ``model.backbone``).
+``seg_weight`` (weight of L_seg, default 1), ``mutual_kl`` (DML's two-way KL, default 0), ``architecture``
+(``flexunet``, the paper's; ``nnunet`` or ``swinunetr``, the Table 2 baselines of cpmn/baselines.py) and
+``backbone`` (default ``model.backbone``; flexunet only).
 :func:`build_variant` turns an entry into a model and its loss; :func:`load_for_inference` reads back the
 pathway that inference uses: Ω2 on NCT for dual variants, the single pathway and its phase otherwise.
 """
@@ -20,13 +22,18 @@ from typing import Any
 import torch
 from torch import nn
 
+from cpmn.baselines import NNUNetPathway, SwinUNETRPathway
 from cpmn.config import schema_defaults
 from cpmn.losses import L_total
 from cpmn.model import DualPathway, Pathway, PathwayOutput
 
 #: the ``model:`` section's defaults, from the config schema (their one source)
 MODEL_DEFAULTS: dict[str, Any] = schema_defaults("model")
+#: the patch size and grid spacing that nnU-Net's planner reads when the config gives none
+PATCH_SIZE = schema_defaults("patches")["size"]
+SPACING = schema_defaults("preprocess")["spacing"]
 PHASES = ("ctpa", "nct")
+ARCHITECTURES = ("flexunet", "nnunet", "swinunetr")
 
 
 def variant_entry(name: str, cfg: Mapping[str, Any]) -> dict[str, Any]:
@@ -39,7 +46,12 @@ def variant_entry(name: str, cfg: Mapping[str, Any]) -> dict[str, Any]:
     pathways = list(raw.get("pathways") or [])
     if not pathways or any(p not in PHASES for p in pathways) or len(set(pathways)) != len(pathways):
         raise ValueError(f"variant {name}: pathways must be [ctpa], [nct] or [ctpa, nct], got {pathways}")
-    return {
+    arch = str(raw.get("architecture", "flexunet"))
+    if arch not in ARCHITECTURES:
+        raise ValueError(f"variant {name}: unknown architecture {arch!r}; expected one of {ARCHITECTURES}")
+    if arch != "flexunet" and len(pathways) != 1:
+        raise ValueError(f"variant {name}: architecture {arch} is a single-pathway baseline")
+    entry = {
         "pathways": sorted(pathways, key=PHASES.index),
         "lambda1": float(raw.get("lambda1", 0.0)),
         "lambda2": float(raw.get("lambda2", 0.0)),
@@ -48,6 +60,14 @@ def variant_entry(name: str, cfg: Mapping[str, Any]) -> dict[str, Any]:
         "backbone": str(raw.get("backbone", model_cfg["backbone"])),
         "score": str(raw["score"]) if raw.get("score") else None,
     }
+    if float(raw.get("mutual_kl", 0.0)) > 0:
+        entry["mutual_kl"] = float(raw["mutual_kl"])
+    if arch != "flexunet":
+        entry["architecture"] = arch
+    if arch == "nnunet":  # nnU-Net's planner sets the topology from the patch and the grid's spacing
+        entry["patch_size"] = [int(v) for v in (cfg.get("patches") or {}).get("size", PATCH_SIZE)]
+        entry["spacing"] = [float(v) for v in (cfg.get("preprocess") or {}).get("spacing", SPACING)]
+    return entry
 
 
 def trains_segmentation(entry: Mapping[str, Any]) -> bool:
@@ -91,17 +111,22 @@ class VariantModel(nn.Module):
         ifa_level: int,
         bn_momentum: float | None = 0.1,
         norm: str = "batch",
+        net: nn.Module | None = None,
         **pathway_kwargs: Any,
     ):
-        """``pathway_kwargs`` go to :class:`Pathway` (``decoder_channels``, ``cls_level``, ``cls_pool``)."""
+        """``pathway_kwargs`` go to :class:`Pathway` (``decoder_channels``, ``cls_level``, ``cls_pool``);
+        ``net`` (one phase only) is a ready single pathway of another architecture (cpmn/baselines.py)."""
         super().__init__()
         self.phases = tuple(phases)
         kw = dict(bn_momentum=bn_momentum, norm=norm, **pathway_kwargs)
-        self.net: nn.Module = (
-            DualPathway(backbone, ifa_level, **kw)
-            if len(self.phases) == 2
-            else Pathway(backbone, ifa_level, **kw)
-        )
+        if net is not None:
+            if len(self.phases) != 1:
+                raise ValueError("a ready network is a single pathway: give one phase")
+            self.net = net
+        elif len(self.phases) == 2:
+            self.net = DualPathway(backbone, ifa_level, **kw)
+        else:
+            self.net = Pathway(backbone, ifa_level, **kw)
 
     def pathway(self, phase: str) -> Pathway:
         """The :class:`Pathway` that sees ``phase``."""
@@ -121,12 +146,20 @@ class VariantModel(nn.Module):
 def build_model(entry: Mapping[str, Any], model_cfg: Mapping[str, Any]) -> VariantModel:
     """The :class:`VariantModel` of a normalised variant entry and the ``model:`` section."""
     m = {**MODEL_DEFAULTS, **model_cfg}
+    arch = entry.get("architecture", "flexunet")
+    head = {k: m[k] for k in ("ifa_level", "cls_level", "cls_pool")}
+    net: nn.Module | None = None
+    if arch == "nnunet":
+        net = NNUNetPathway(entry["patch_size"], entry["spacing"], **head)
+    elif arch == "swinunetr":
+        net = SwinUNETRPathway(int(m["swin_feature_size"]), str(m["norm"]), **head)
     return VariantModel(
         list(entry["pathways"]),
         entry["backbone"],
         int(m["ifa_level"]),
         float(m["bn_momentum"]),
         str(m["norm"]),
+        net=net,
         decoder_channels=tuple(int(c) for c in m["decoder_channels"]),
         cls_level=int(m["cls_level"]),
         cls_pool=str(m["cls_pool"]),
@@ -142,6 +175,7 @@ def build_loss(entry: Mapping[str, Any], model_cfg: Mapping[str, Any]) -> L_tota
         lambda2=entry["lambda2"],
         lambda3=entry["lambda3"],
         seg_weight=entry["seg_weight"],
+        mutual_kl=float(entry.get("mutual_kl", 0.0)),
         ifa_alpha=int(m["ifa_alpha"]),
         ifa_beta=int(m["ifa_beta"]),
         seg_dice=m["seg_loss"] == "dice_focal",

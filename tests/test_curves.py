@@ -19,12 +19,15 @@ def _log(path, rows):
 
 
 def test_curves_read_every_panel_and_draw_only_used_terms(tmp_path, drawn_axes):
-    # epoch, L_clas, L_seg, L_KL, L_alig, L_disc, L_total, lr, val_auc, val_dice, seconds
+    # epoch, L_clas, L_seg, L_KL, L_alig, L_disc, L_mutual, L_total, lr, val_auc, val_dice, seconds
     a = _log(
         tmp_path / "a.tsv",
-        [[1, 0.7, 1.0, 0, 0, 0, 1.7, 1e-3, 0.5, "nan", 3], [2, 0.5, 0.8, 0, 0, 0, 1.3, 1e-5, 0.75, 0.4, 3]],
+        [
+            [1, 0.7, 1.0, 0, 0, 0, 0, 1.7, 1e-3, 0.5, "nan", 3],
+            [2, 0.5, 0.8, 0, 0, 0, 0, 1.3, 1e-5, 0.75, 0.4, 3],
+        ],
     )
-    b = _log(tmp_path / "b.tsv", [[1, 0.7, 1.0, 0.1, 0.02, 0.3, 1.9, 1e-3, 0.6, 0.1, 6]])
+    b = _log(tmp_path / "b.tsv", [[1, 0.7, 1.0, 0.1, 0.02, 0.3, 0, 1.9, 1e-3, 0.6, 0.1, 6]])
     la, lb = read_log(a, "nct"), read_log(b, "cpmn")
     assert la["epoch"] == [1.0, 2.0] and la["val_auc"] == [0.5, 0.75] and math.isnan(la["val_dice"][0])
     assert lb["L_alig"] == [0.02]
@@ -35,12 +38,13 @@ def test_curves_read_every_panel_and_draw_only_used_terms(tmp_path, drawn_axes):
         for ax in drawn_axes[-1].flat
     }
     assert lines["L_clas"] == ["nct", "cpmn"] and lines["L_alig"] == ["cpmn"]  # nct has no L_alig
+    assert lines["L_mutual"] == []  # neither is DML
     colour = {ax.get_title(): [ln.get_color() for ln in ax.get_lines()][:2] for ax in drawn_axes[-1].flat}
     assert colour["L_alig"][0] == colour["L_clas"][1] == "C1"  # a variant keeps its colour in every panel
 
 
 def test_a_bad_log_is_one_error_naming_the_file(tmp_path):
-    bad = _log(tmp_path / "bad.tsv", [[1, "x", 1.0, 0, 0, 0, 1.7, 1e-3, 0.5, 0.1, 3]])
+    bad = _log(tmp_path / "bad.tsv", [[1, "x", 1.0, 0, 0, 0, 0, 1.7, 1e-3, 0.5, 0.1, 3]])
     with pytest.raises(InputError, match=r"bad.tsv: variant nct: L_clas 'x' is not a number"):
         read_log(bad, "nct")
     with pytest.raises(InputError, match=r"missing.tsv: variant nct: cannot read"):

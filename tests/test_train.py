@@ -175,6 +175,7 @@ def test_resume_after_kill_equals_straight_run(cohort, tmp_path):
         "L_KL",
         "L_alig",
         "L_disc",
+        "L_mutual",
         "L_total",
         "lr",
         "val_auc",
@@ -263,7 +264,17 @@ def test_every_variant_builds_and_runs_one_step(cohort):
     ds = PatchDataset(["p0", "p1"], cohort["pre"], cohort["pat"], patch_size=P, aug_prob=0.0)
     batch = torch.utils.data.default_collate([ds[i] for i in range(2)])
     names = set(cfg["variants"])
-    assert {"ctpa", "nct", "mls", "mls_ifa", "cpmn", "nct_cls"} <= names
+    assert {
+        "ctpa",
+        "nct",
+        "mls",
+        "mls_ifa",
+        "cpmn",
+        "nct_cls",
+        "dml",
+        "nnunet_joint",
+        "swinunetr_joint",
+    } <= names
     for name in sorted(names):
         torch.manual_seed(0)
         model, loss_fn = build_variant(name, cfg)
@@ -277,8 +288,9 @@ def test_every_variant_builds_and_runs_one_step(cohort):
         opt.step()
         assert math.isfinite(t["L_total"])
         w = entry.get("seg_weight", 1.0)
-        combo = t["L_clas"] + w * t["L_seg"] + entry["lambda1"] * t["L_KL"]
-        combo += entry["lambda2"] * t["L_alig"] + entry["lambda3"] * t["L_disc"]
+        lam = {k: entry.get(k, 0.0) for k in ("lambda1", "lambda2", "lambda3", "mutual_kl")}
+        combo = t["L_clas"] + w * t["L_seg"] + lam["lambda1"] * t["L_KL"] + lam["mutual_kl"] * t["L_mutual"]
+        combo += lam["lambda2"] * t["L_alig"] + lam["lambda3"] * t["L_disc"]
         assert t["L_total"] == pytest.approx(combo, rel=1e-5), name
         changed = [k for k, v in model.state_dict().items() if not torch.equal(v, before[k])]
         assert changed, name
@@ -295,7 +307,9 @@ def test_dual_variants_transfer_to_omega2_only(cohort):
     ds = PatchDataset(["p0", "p1"], cohort["pre"], cohort["pat"], patch_size=P, aug_prob=0.0)
     batch = torch.utils.data.default_collate([ds[i] for i in range(4)])
     duals = [
-        n for n, e in cfg["variants"].items() if len(e["pathways"]) == 2 and (e["lambda1"] or e["lambda2"])
+        n
+        for n, e in cfg["variants"].items()
+        if len(e["pathways"]) == 2 and (e.get("lambda1") or e.get("lambda2"))
     ]
     assert {"mls", "mls_ifa", "cpmn"} <= set(duals)
     for name in duals:

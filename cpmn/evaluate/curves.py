@@ -1,9 +1,9 @@
 """``cpmn curves``: the training curves of every variant in one figure, from the ``train_log.tsv`` files.
 
-One panel per loss term of Eq. 5 (``L_clas``, ``L_seg``, ``L_KL``, ``L_alig``, ``L_disc``, ``L_total``;
-per-epoch means over the steps) and two for validation (patient AUC with the score that inference reports,
-mean Dice over the validation PE patients), epochs on the x axis, one line per variant. A term a variant
-does not use (its λ is 0, so it logs 0) is left out of that panel.
+One panel per loss term (Eq. 5's ``L_clas``, ``L_seg``, ``L_KL``, ``L_alig``, ``L_disc``, DML's
+``L_mutual``, ``L_total``; per-epoch means over the steps) and two for validation (patient AUC with the
+score that inference reports, mean Dice over the validation PE patients), epochs on the x axis, one line per
+variant. A term a variant does not use (its λ is 0, so it logs 0) is left out of that panel.
 
     cpmn curves --logs nct=results/models/nct/train_log.tsv cpmn=... --out results/figures/training_curves.png
 """
@@ -18,7 +18,7 @@ from pathlib import Path
 
 from cpmn.errors import InputError, atomic_path, report
 
-PANELS = ("L_clas", "L_seg", "L_KL", "L_alig", "L_disc", "L_total", "val_auc", "val_dice")
+PANELS = ("L_clas", "L_seg", "L_KL", "L_alig", "L_disc", "L_mutual", "L_total", "val_auc", "val_dice")
 TITLES = {"val_auc": "validation AUC", "val_dice": "validation Dice (PE patients)"}
 
 
@@ -47,13 +47,13 @@ def read_log(path: str | Path, variant: str) -> dict[str, list[float]]:
 
 
 def plot_curves(logs: Mapping[str, Mapping[str, list[float]]], out: str | Path) -> Path:
-    """Write the 2 × 4 panel figure (PNG) of :data:`PANELS` for every variant in ``logs``."""
+    """Write the 3 × 3 panel figure (PNG) of :data:`PANELS` for every variant in ``logs``."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(2, 4, figsize=(14, 6), constrained_layout=True)
+    fig, axes = plt.subplots(3, 3, figsize=(12, 9), constrained_layout=True)
     for ax, key in zip(axes.flat, PANELS, strict=True):
         for k, (variant, log) in enumerate(logs.items()):
             ys = log[key]

@@ -92,7 +92,7 @@ def section(name):
 
 def train_params():
     """What `cpmn train` needs from the config."""
-    keys = ("model", "train", "patches", "variants", "infer")
+    keys = ("model", "train", "patches", "preprocess", "variants", "infer")
     return json.dumps({k: config[k] for k in keys}, separators=(",", ":"))
 
 
