@@ -25,6 +25,7 @@ include: "workflow/rules/train.smk"
 include: "workflow/rules/infer.smk"
 include: "workflow/rules/evaluate.smk"
 include: "workflow/rules/card.smk"
+include: "workflow/rules/fumpe.smk"
 
 
 rule all:

@@ -26,6 +26,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "train": ("cpmn.train", "train one variant (single or dual pathway)"),
     "infer": ("cpmn.infer", "sliding-window inference: patient probability, mask and CAM"),
     "ceiling": ("cpmn.synthetic.observer", "the phantom's ceiling: a truth-informed observer's AUC by phase"),
+    "fumpe": ("cpmn.fumpe", "the FUMPE 2D experiment: train on CTPA slices, Dice per test patient"),
     "curves": (
         "cpmn.evaluate.curves",
         "training curves of every variant (loss terms, validation AUC and Dice)",

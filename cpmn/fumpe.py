@@ -226,11 +226,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="train: model folder | evaluate: the Dice table (.tsv)")
     parser.add_argument("--model", help="evaluate: the trained model.pt")
     parser.add_argument("--bootstrap", type=int, default=1000, help="evaluate: bootstrap resamples of the CI")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--progress", action="store_true")
     add_config_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.threads:
+        torch.set_num_threads(int(args.threads))
     try:
         if args.action == "train":
             cfg = resolve(args, "fumpe")

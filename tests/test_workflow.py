@@ -167,6 +167,9 @@ def test_tiny_study_end_to_end(tmp_path):
     from check_outputs import check
 
     assert check(results) == []
+    fumpe = pd.read_csv(results / "tables" / "fumpe_dice.tsv", sep="\t")  # tiny.yaml runs the FUMPE rules
+    assert fumpe.patient_id.tolist() == ["PAT003", "mean"]
+    assert fumpe.dice.iloc[-1] == pytest.approx(fumpe.dice.iloc[0]) and 0 <= fumpe.dice.iloc[0] <= 1
     report = tmp_path / "report.html"
     r = snakemake(
         "--configfile", "config/tiny.yaml", "--config", f"results={results}", "--report", str(report)
@@ -183,6 +186,7 @@ def test_tiny_study_end_to_end(tmp_path):
         "train_log.tsv",
         "montage.png",
         "_cam.png",
+        "fumpe_dice.tsv",
     ):
         assert item in html, item
     # every model folder describes itself, and `cpmn predict` uses it on one scan straight from DICOM

@@ -92,7 +92,7 @@ def read_mask(path: str | Path, patient: str) -> np.ndarray:
                 for k, v in scipy.io.loadmat(path).items()
                 if not k.startswith("__") and isinstance(v, np.ndarray)
             }
-    except (OSError, ValueError, NotImplementedError) as err:
+    except Exception as err:  # scipy's MatReadError, h5py's OSError, a truncated or foreign file
         raise InputError(patient, path, f"cannot read the MATLAB mask ({type(err).__name__}: {err})") from err
     name = next((n for n in MASK_NAMES if n in arrays), None)
     if name is None:

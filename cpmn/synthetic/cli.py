@@ -8,6 +8,7 @@ import time
 from cpmn.config import add_config_arguments, resolve
 from cpmn.errors import InputError, report
 from cpmn.synthetic.cohort import generate_cohort
+from cpmn.synthetic.fumpe import generate_fumpe
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -19,6 +20,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-montage", action="store_true", help="skip montage.png")
     parser.add_argument("--quiet", action="store_true", help="no per-patient progress lines")
     parser.add_argument("--jobs", type=int, default=1, help="patients generated in parallel (processes)")
+    parser.add_argument(
+        "--layout",
+        choices=("cohort", "fumpe"),
+        default="cohort",
+        help="cohort: the dual-phase study | fumpe: FUMPE's layout (CT_scans/, GroundTruth/*.mat), PE only",
+    )
     add_config_arguments(parser)
 
 
@@ -32,6 +39,13 @@ def run(args: argparse.Namespace) -> int:
     if args.no_montage:
         params["montage"] = False
     t0 = time.perf_counter()
+    if args.layout == "fumpe":
+        try:
+            ids = generate_fumpe(args.out, params, progress=not args.quiet)
+        except InputError as err:
+            return report(err)
+        print(f"FUMPE-shaped set: {len(ids)} patients in {args.out} ({time.perf_counter() - t0:.0f} s)")
+        return 0
     try:
         sheet = generate_cohort(args.out, params, progress=not args.quiet, jobs=args.jobs)
     except InputError as err:

@@ -32,6 +32,8 @@ SYNTHETIC = config["cohort"]["source"] == "synthetic"
 SYNTH_DIR = f"{RES}/synthetic"
 MONTAGE = bool(config["synthetic"].get("montage", True))
 GPU = int(config["resources"]["gpu"])
+# the FUMPE experiment's data: a download, or the synthetic FUMPE-shaped set of rule fumpe_synthetic
+FUMPE_ROOT = config["fumpe"]["root"] or f"{RES}/fumpe/data"
 # screen_cohort's output: the patients that go on
 INCLUDED_SHEET = f"{RES}/cohort.included.tsv"
 # The input of per-patient jobs whose params read the sheet; a job on a cluster node needs the checkpoint
@@ -88,6 +90,18 @@ def readers_flag(wildcards, input):
 def section(name):
     """One config section as JSON, passed to a stage with --params."""
     return json.dumps(config[name], separators=(",", ":"))
+
+
+def fumpe_synthetic_params():
+    """The synthetic FUMPE-shaped set: the synthetic section's phantom at the fumpe section's size."""
+    f = config["fumpe"]
+    params = {
+        **config["synthetic"],
+        "patients": f["synthetic_patients"],
+        "shape": f["synthetic_shape"],
+        "spacing": f["synthetic_spacing"],
+    }
+    return json.dumps(params, separators=(",", ":"))
 
 
 def train_params():
@@ -232,6 +246,8 @@ def final_outputs():
         out.append(f"{RES}/tables/ceiling.tsv")
     if SYNTHETIC and MONTAGE:
         out.append(f"{SYNTH_DIR}/montage.png")
+    if config["fumpe"]["run"]:
+        out.append(f"{RES}/tables/fumpe_dice.tsv")
     return out
 
 
