@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from monai.bundle import ConfigParser
 
+from cpmn import infer
 from cpmn.baselines import NNUNetPathway, SwinUNETRPathway, nnunet_plan
 from cpmn.bundle import network_def
 from cpmn.losses import L_mutual
@@ -136,3 +138,29 @@ def test_joint_variant_entries_and_their_bundle_network():
         variant_entry("x", {"variants": {"x": {"pathways": ["ctpa", "nct"], "architecture": "swinunetr"}}})
     with pytest.raises(ValueError, match="need"):
         build_variant("x", {"variants": {"x": {"pathways": ["nct"], "mutual_kl": 1.0}}})
+
+
+@pytest.mark.parametrize("arch", ["nnunet", "swinunetr"])
+def test_joint_networks_go_through_inference_and_grad_cam(arch):
+    """Every patient score, the sliding-window mask and Grad-CAM run on a baseline pathway over a volume
+    larger than one patch: the centre score is the classifier's probability on the centre patch, the mask
+    and the CAM have the volume's shape, and the CAM lies in [0, 1] with a clear peak (min-max per window, blended)."""
+
+    cfg = {
+        "variants": {"b": {"pathways": ["nct"], "architecture": arch}},
+        "patches": {"size": [32, 32, 32]},
+        "preprocess": {"spacing": [5.0, 5.0, 5.0]},
+    }
+    torch.manual_seed(0)
+    model, _ = build_variant("b", cfg)
+    pathway = model.pathway("nct").eval()
+    vol = np.random.default_rng(0).random((40, 36, 32)).astype(np.float32)
+    params = {**infer.DEFAULTS, "overlap": 0.25}
+    centre, _ = infer.patient_score(pathway, vol, None, P, {**params, "score": "centre"})
+    with torch.no_grad():
+        logit = pathway.classify(torch.from_numpy(vol[4:36, 2:34, 0:32].copy())[None, None])
+    assert centre == pytest.approx(torch.sigmoid(logit).item(), abs=1e-5)
+    prob, mask = infer.patient_score(pathway, vol, (5.0, 5.0, 5.0), P, {**params, "score": "seg_volume"})
+    assert 0 <= prob <= 1 and tuple(mask.shape) == vol.shape
+    cam = infer.grad_cam(pathway, vol, P, params)
+    assert cam.shape == vol.shape and cam.min() >= 0 and 0.5 < cam.max() <= 1 + 1e-6
