@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 CORES ?= 2
 
-.PHONY: demo test test-all lint format slurm-test bench gpu-check paper-smoke lock clean
+.PHONY: demo test test-all lint format slurm-test bench gpu-check paper-smoke paper-smoke-test lock clean
 
 $(STAMP): requirements.lock pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -23,7 +23,7 @@ test: $(STAMP)
 
 ## everything, slow tests included (end-to-end run, real SLURM)
 test-all: $(STAMP)
-	$(BIN)/pytest -q -rs -m "slow or not slow"
+	$(BIN)/pytest -q -rs -m "not paper_smoke"
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
@@ -54,6 +54,10 @@ gpu-check: $(STAMP)
 paper-smoke: $(STAMP)
 	$(BIN)/snakemake --cores $(CORES) --workflow-profile profiles/default \
 	  --configfile config/paper.yaml config/paper-smoke.yaml
+
+## the same run as a test, into a temporary folder, with its outputs checked (tests/test_paper_smoke.py)
+paper-smoke-test: $(STAMP)
+	$(BIN)/pytest -q -rs -m paper_smoke
 
 ## re-resolve the lock file from the direct dependencies (needs the package index)
 lock:

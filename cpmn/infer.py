@@ -334,7 +334,8 @@ def infer_split(
     ids = read_splits(splits_tsv).get(split, [])
     if not ids:
         raise InputError(None, splits_tsv, f"split {split!r} has no patients")
-    write_masks = split in p["mask_splits"]
+    # a variant without segmentation (DML, a classifier) has no mask to write: its Dice cell is "–"
+    write_masks = split in p["mask_splits"] and trains_segmentation(entry)
     write_cams = split in p["cam_splits"]
     # masks and CAMs go to a staging folder that replaces ``{split}/`` only once every patient is done:
     # a failure on one patient leaves no files of the patients before it
@@ -413,6 +414,8 @@ def infer_split(
                     row["ref_mask"] = os.path.relpath(ref, out_dir)
             rows.append(row)
         df = pd.DataFrame(rows)
+        if split in p["mask_splits"] and "mask" not in df:
+            df["mask"] = ""  # a split with masks keeps its column; empty for a variant without segmentation
         with atomic_path(out_tsv) as tmp:
             df.to_csv(tmp, sep="\t", index=False, float_format="%.6g")
             if masks_dir.exists():

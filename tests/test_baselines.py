@@ -144,7 +144,8 @@ def test_joint_variant_entries_and_their_bundle_network():
 def test_joint_networks_go_through_inference_and_grad_cam(arch):
     """Every patient score, the sliding-window mask and Grad-CAM run on a baseline pathway over a volume
     larger than one patch: the centre score is the classifier's probability on the centre patch, the mask
-    and the CAM have the volume's shape, and the CAM lies in [0, 1] with a clear peak (min-max per window, blended)."""
+    and the CAM have the volume's shape, and the CAM lies in [0, 1] with a clear peak (min-max per window,
+    blended)."""
 
     cfg = {
         "variants": {"b": {"pathways": ["nct"], "architecture": arch}},

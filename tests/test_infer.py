@@ -563,3 +563,29 @@ def test_grad_cam_of_one_window_equals_the_map_by_hand():
     np.testing.assert_allclose(cam, by_hand, atol=1e-4)
     # a wrong sign of the weights (the map of the other class) would differ
     assert np.abs(cam - (1 - by_hand)).max() > 0.5
+
+
+def test_a_variant_without_segmentation_writes_no_masks_but_its_cams(study):
+    """seg_weight 0 (DML, a classifier): its decoder is untrained, so no mask is written and the tables
+    print "–" for its Dice rather than the Dice of an untrained head; the Grad-CAMs (of the classifier)
+    are still written."""
+    cfg = {"variants": {"cls": {"pathways": ["nct"], "seg_weight": 0.0, "score": "centre"}}, "model": {}}
+    entry = variant_entry("cls", cfg)
+    torch.manual_seed(0)
+    model = build_model(entry, {})
+    ckpt = study["tmp"] / "cls.pt"
+    torch.save({"variant": entry, "model_cfg": {}, "model": model.state_dict()}, ckpt)
+    out = study["tmp"] / "pred_cls" / "cls" / "test.tsv"
+    infer_split(
+        ckpt,
+        study["splits"],
+        "test",
+        study["pre"],
+        out,
+        {"cam_positives_only": False},
+        P,
+        nifti_dir=study["nifti"],
+    )
+    back = pd.read_csv(out, sep="\t", dtype={"patient_id": str})
+    assert back["mask"].isna().all() and back["cam"].notna().all()
+    assert not list(out.parent.glob("test/*mask*"))
