@@ -299,8 +299,11 @@ class L_total(nn.Module):
         for ph in self.phases:
             o = outputs[ph]
             t["L_clas"] = t["L_clas"] + term("L_clas", self.clas, o.cls, label)
-            t["L_seg"] = t["L_seg"] + term("L_seg", self.seg, o.seg, mask)
-            t["L_disc"] = t["L_disc"] + term("L_disc", self.disc, o.dec, mask)
+            if o.seg is not None:  # None: the pathway ran without its decoder (a classification-only variant)
+                t["L_seg"] = t["L_seg"] + term("L_seg", self.seg, o.seg, mask)
+                t["L_disc"] = t["L_disc"] + term("L_disc", self.disc, o.dec, mask)
+            elif self.seg_weight or self.lambda3:
+                raise ValueError("L_seg and L_disc need the decoder's outputs; the pathway ran without them")
         if self.dual:
             t["L_KL"] = term("L_KL", self.kl, outputs["ctpa"].cls, outputs["nct"].cls)
             t["L_alig"] = term("L_alig", self.alig, outputs["ctpa"].enc, outputs["nct"].enc)

@@ -98,18 +98,18 @@ if "plain-cnn" not in FLEXUNET_BACKBONE.register_dict:
 class PathwayOutput(NamedTuple):
     """What one pathway returns for an input ``x`` of shape ``(B, 1, X, Y, Z)``.
 
-    seg: ``(B, 2, X, Y, Z)`` segmentation logits (background, embolus).
+    seg: ``(B, 2, X, Y, Z)`` segmentation logits (background, embolus); None with ``decode=False``.
     cls: ``(B,)`` classification logit of the auxiliary classifier (probability = sigmoid).
     enc: ``(B, C_l, X/2^(l+1), Y/2^(l+1), Z/2^(l+1))`` encoder map at level ``l = ifa_level`` (IFA's input;
         spatial sizes round up for odd sizes).
     dec: ``(B, C_dec, X, Y, Z)`` decoder feature map before the segmentation head (IFD's input);
-        ``C_dec`` is the last of ``decoder_channels`` (16).
+        ``C_dec`` is the last of ``decoder_channels`` (16); None from ``forward(x, decode=False)``.
     """
 
-    seg: torch.Tensor
+    seg: torch.Tensor | None
     cls: torch.Tensor
     enc: torch.Tensor
-    dec: torch.Tensor
+    dec: torch.Tensor | None
 
 
 def encoder_channels(backbone: str) -> tuple[int, ...]:
@@ -230,9 +230,13 @@ class Pathway(nn.Module):
     #: the Grad-CAM target layer (see cpmn.infer)
     cam_layer = "cls_input"
 
-    def forward(self, x: torch.Tensor) -> PathwayOutput:
-        """``x`` ``(B, 1, X, Y, Z)`` -> :class:`PathwayOutput` (shapes in its docstring)."""
+    def forward(self, x: torch.Tensor, decode: bool = True) -> PathwayOutput:
+        """``x`` ``(B, 1, X, Y, Z)`` -> :class:`PathwayOutput` (shapes in its docstring). ``decode=False``
+        skips the decoder and the segmentation head (``seg`` and ``dec`` None): a classification-only
+        variant (DML) trains no decoder, and on the CPU the decoder is most of a forward pass."""
         feats = self.unet.encoder(x)  # list of 5 maps, strides 2..32
+        if not decode:
+            return PathwayOutput(seg=None, cls=self._classify(feats), enc=feats[self.ifa_level], dec=None)
         dec = self.unet.decoder(feats, self.unet.skip_connect)  # (B, C_dec, X, Y, Z)
         seg = self.unet.segmentation_head(dec)  # (B, 2, X, Y, Z)
         return PathwayOutput(seg=seg, cls=self._classify(feats), enc=feats[self.ifa_level], dec=dec)
@@ -266,6 +270,7 @@ class DualPathway(nn.Module):
         self.omega1 = Pathway(backbone, ifa_level, **kwargs)
         self.omega2 = Pathway(backbone, ifa_level, **kwargs)
 
-    def forward(self, ctpa: torch.Tensor, nct: torch.Tensor) -> DualOutput:
-        """``ctpa``, ``nct`` ``(B, 1, X, Y, Z)`` (CTPA already registered to NCT) -> :class:`DualOutput`."""
-        return DualOutput(ctpa=self.omega1(ctpa), nct=self.omega2(nct))
+    def forward(self, ctpa: torch.Tensor, nct: torch.Tensor, decode: bool = True) -> DualOutput:
+        """``ctpa``, ``nct`` ``(B, 1, X, Y, Z)`` (CTPA already registered to NCT) -> :class:`DualOutput`
+        (``decode``: as in :meth:`Pathway.forward`)."""
+        return DualOutput(ctpa=self.omega1(ctpa, decode), nct=self.omega2(nct, decode))

@@ -112,12 +112,15 @@ class VariantModel(nn.Module):
         bn_momentum: float | None = 0.1,
         norm: str = "batch",
         net: nn.Module | None = None,
+        decode: bool = True,
         **pathway_kwargs: Any,
     ):
         """``pathway_kwargs`` go to :class:`Pathway` (``decoder_channels``, ``cls_level``, ``cls_pool``);
-        ``net`` (one phase only) is a ready single pathway of another architecture (cpmn/baselines.py)."""
+        ``net`` (one phase only) is a ready single pathway of another architecture (cpmn/baselines.py);
+        ``decode=False`` (a variant that trains neither L_seg nor L_disc) skips the decoders in training."""
         super().__init__()
         self.phases = tuple(phases)
+        self.decode = bool(decode)
         kw = dict(bn_momentum=bn_momentum, norm=norm, **pathway_kwargs)
         if net is not None:
             if len(self.phases) != 1:
@@ -138,8 +141,10 @@ class VariantModel(nn.Module):
 
     def forward(self, batch: Mapping[str, torch.Tensor]) -> dict[str, PathwayOutput]:
         if isinstance(self.net, DualPathway):
-            out = self.net(batch["ctpa"], batch["nct"])
+            out = self.net(batch["ctpa"], batch["nct"], self.decode)
             return {"ctpa": out.ctpa, "nct": out.nct}
+        if not self.decode and isinstance(self.net, Pathway):
+            return {self.phases[0]: self.net(batch[self.phases[0]], decode=False)}
         return {self.phases[0]: self.net(batch[self.phases[0]])}
 
 
@@ -160,6 +165,7 @@ def build_model(entry: Mapping[str, Any], model_cfg: Mapping[str, Any]) -> Varia
         float(m["bn_momentum"]),
         str(m["norm"]),
         net=net,
+        decode=trains_segmentation(entry) or float(entry["lambda3"]) > 0,
         decoder_channels=tuple(int(c) for c in m["decoder_channels"]),
         cls_level=int(m["cls_level"]),
         cls_pool=str(m["cls_pool"]),

@@ -105,7 +105,9 @@ def test_dml_trains_both_pathways_from_each_other_and_no_segmentation():
         cfg["variants"]["dml"]["mutual_kl"] = w
         torch.manual_seed(0)
         model, loss_fn = build_variant("dml", cfg)
-        total, t = loss_fn(model(batch), batch["mask"], batch["label"])
+        out = model(batch)
+        assert not model.decode and out["ctpa"].seg is None and out["nct"].dec is None  # no decoder runs
+        total, t = loss_fn(out, batch["mask"], batch["label"])
         if w:
             assert t["L_mutual"] > 0
             assert t["L_total"] == pytest.approx(t["L_clas"] + t["L_mutual"], rel=1e-6)
