@@ -45,10 +45,16 @@ def window(hu: np.ndarray, hu_window: Sequence[float]) -> np.ndarray:
     return ((np.clip(hu, lo, hi) - lo) / (hi - lo)).astype(np.float32)
 
 
-def build_network(backbone: str) -> FlexibleUNet:
+def build_network(backbone: str, bn_momentum: float | None = 0.1) -> FlexibleUNet:
     """``FlexibleUNet(in 1, out 2, backbone, spatial_dims=2)``: ``(B, 1, H, W)`` -> ``(B, 2, H, W)`` logits,
-    ``H`` and ``W`` multiples of 32."""
-    return FlexibleUNet(in_channels=1, out_channels=2, backbone=backbone, spatial_dims=2, pretrained=False)
+    ``H`` and ``W`` multiples of 32. ``bn_momentum`` replaces the momentum of every BatchNorm (MONAI's
+    EfficientNet has 0.01; see :class:`cpmn.model.Pathway`), None keeps it."""
+    net = FlexibleUNet(in_channels=1, out_channels=2, backbone=backbone, spatial_dims=2, pretrained=False)
+    if bn_momentum is not None:
+        for m in net.modules():
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                m.momentum = float(bn_momentum)
+    return net
 
 
 def _load(root: Path, ids: Sequence[str], hu_window: Sequence[float]) -> dict[str, dict[str, np.ndarray]]:
@@ -126,7 +132,7 @@ def train_fumpe(
     torch.manual_seed(int(c["seed"]))
     rng = np.random.default_rng(int(c["seed"]))
     dev = _device(str(c["device"]))
-    net = build_network(str(c["backbone"])).to(dev)
+    net = build_network(str(c["backbone"]), c["bn_momentum"]).to(dev)
     loss_fn = L_seg(dice=True)
     steps = int(c["steps"])
     opt = torch.optim.Adam(net.parameters(), lr=float(c["lr"]))
