@@ -52,7 +52,7 @@ gpu-check: $(STAMP)
 ## the whole workflow at the paper's scale on CPU (config/paper.yaml, 6 patients at a clinical grid, 2 steps per
 ## variant); every job's seconds and peak RSS land in results/paper-smoke/benchmarks/
 paper-smoke: $(STAMP)
-	$(BIN)/snakemake --cores $(CORES) --workflow-profile profiles/default \
+	$(BIN)/snakemake --cores $(CORES) --workflow-profile profiles/default --resources mem_mb=22000 \
 	  --configfile config/paper.yaml config/paper-smoke.yaml
 
 ## the same run as a test, into a temporary folder, with its outputs checked (tests/test_paper_smoke.py)
