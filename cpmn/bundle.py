@@ -33,33 +33,16 @@ import torch
 
 from cpmn import __version__, card
 from cpmn.errors import InputError, report
-from cpmn.variants import MODEL_DEFAULTS, load_for_inference
+from cpmn.variants import MODEL_DEFAULTS, baseline_spec, load_for_inference
 
 
 def network_def(model_cfg: dict[str, Any], entry: dict[str, Any]) -> dict[str, Any]:
     """The ``network_def`` of ``inference.json``: the trained pathway's class (:class:`cpmn.model.Pathway`, or
     a Table 2 baseline's from :mod:`cpmn.baselines`) with the trained settings."""
     m = {**MODEL_DEFAULTS, **model_cfg}
-    head = {
-        "ifa_level": int(m["ifa_level"]),
-        "cls_level": int(m["cls_level"]),
-        "cls_pool": str(m["cls_pool"]),
-    }
-    arch = entry.get("architecture", "flexunet")
-    if arch == "nnunet":
-        return {
-            "_target_": "cpmn.baselines.NNUNetPathway",
-            "patch_size": [int(v) for v in entry["patch_size"]],
-            "spacing": [float(v) for v in entry["spacing"]],
-            **head,
-        }
-    if arch == "swinunetr":
-        return {
-            "_target_": "cpmn.baselines.SwinUNETRPathway",
-            "feature_size": int(m["swin_feature_size"]),
-            "norm": str(m["norm"]),
-            **head,
-        }
+    spec = baseline_spec(entry, m)
+    if spec:
+        return {"_target_": f"{spec[0].__module__}.{spec[0].__name__}", **spec[1]}
     return {
         "_target_": "cpmn.model.Pathway",
         "backbone": entry["backbone"],

@@ -33,6 +33,7 @@ from cpmn.errors import InputError, atomic_path, report
 from cpmn.evaluate.metrics import dice
 from cpmn.losses import L_seg
 from cpmn.stats import bootstrap_ci
+from cpmn.train import resolve_device
 
 #: the ``fumpe:`` section's defaults, from the config schema
 DEFAULTS: dict[str, Any] = schema_defaults("fumpe")
@@ -109,12 +110,6 @@ def sample_batch(
     }
 
 
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 def train_fumpe(
     root: str | Path, out_dir: str | Path, cfg: Mapping[str, Any] | None = None, progress: bool = False
 ):
@@ -131,7 +126,7 @@ def train_fumpe(
     data = _load(root, c["train"], c["hu_window"])
     torch.manual_seed(int(c["seed"]))
     rng = np.random.default_rng(int(c["seed"]))
-    dev = _device(str(c["device"]))
+    dev = resolve_device(str(c["device"]))
     net = build_network(str(c["backbone"]), c["bn_momentum"]).to(dev)
     loss_fn = L_seg(dice=True)
     steps = int(c["steps"])

@@ -148,16 +148,31 @@ class VariantModel(nn.Module):
         return {self.phases[0]: self.net(batch[self.phases[0]])}
 
 
+def baseline_spec(
+    entry: Mapping[str, Any], model_cfg: Mapping[str, Any]
+) -> tuple[type[nn.Module], dict] | None:
+    """``(class, kwargs)`` of a Table 2 baseline's network (cpmn/baselines.py), None for the paper's
+    FlexibleUNet pathway; what :func:`build_model` builds and a bundle's ``network_def`` names."""
+    m = {**MODEL_DEFAULTS, **model_cfg}
+    head = {
+        "ifa_level": int(m["ifa_level"]),
+        "cls_level": int(m["cls_level"]),
+        "cls_pool": str(m["cls_pool"]),
+    }
+    arch = entry.get("architecture", "flexunet")
+    if arch == "nnunet":
+        size = [int(v) for v in entry["patch_size"]]
+        return NNUNetPathway, {"patch_size": size, "spacing": [float(v) for v in entry["spacing"]], **head}
+    if arch == "swinunetr":
+        return SwinUNETRPathway, {"feature_size": int(m["swin_feature_size"]), "norm": str(m["norm"]), **head}
+    return None
+
+
 def build_model(entry: Mapping[str, Any], model_cfg: Mapping[str, Any]) -> VariantModel:
     """The :class:`VariantModel` of a normalised variant entry and the ``model:`` section."""
     m = {**MODEL_DEFAULTS, **model_cfg}
-    arch = entry.get("architecture", "flexunet")
-    head = {k: m[k] for k in ("ifa_level", "cls_level", "cls_pool")}
-    net: nn.Module | None = None
-    if arch == "nnunet":
-        net = NNUNetPathway(entry["patch_size"], entry["spacing"], **head)
-    elif arch == "swinunetr":
-        net = SwinUNETRPathway(int(m["swin_feature_size"]), str(m["norm"]), **head)
+    spec = baseline_spec(entry, m)
+    net = spec[0](**spec[1]) if spec else None
     return VariantModel(
         list(entry["pathways"]),
         entry["backbone"],
