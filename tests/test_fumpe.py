@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import csv
+import shutil
 
 import h5py
 import numpy as np
+import pydicom
 import pytest
 import scipy.io
 import torch
 from scipy.ndimage import binary_dilation
 
-from cpmn.data.fumpe import fumpe_patients, read_fumpe_patient, read_mask
+from cpmn.data.fumpe import fumpe_patients, read_fumpe_patient, read_mask, read_series
 from cpmn.errors import InputError
 from cpmn.evaluate.metrics import dice
 from cpmn.fumpe import build_network, evaluate_fumpe, segment_volume, train_fumpe, window
@@ -75,6 +77,25 @@ def test_bad_fumpe_input_is_one_error_naming_patient_and_file(fumpe, tmp_path):
     with pytest.raises(InputError, match="patients in both train and test"):
         train_fumpe(fumpe, tmp_path / "m", {"train": ["PAT001"], "test": ["PAT001"]})
     assert hu.shape == (64, 64, 40)
+
+
+def test_a_bad_fumpe_slice_is_one_error_naming_patient_and_file(fumpe, tmp_path):
+    """The series is checked as `cpmn convert` checks it: a truncated slice and a slice of another modality
+    are each one error naming the patient and the file."""
+    series = tmp_path / "PAT003"
+    shutil.copytree(fumpe / "CT_scans" / "PAT003", series)
+    files = sorted(series.glob("*.dcm"))
+    assert read_series(series, "PAT003")[0].shape == (64, 64, 40)
+    data = files[5].read_bytes()
+    files[5].write_bytes(data[: len(data) - 2000])
+    with pytest.raises(InputError, match=rf"patient PAT003: .*{files[5].name}: truncated pixel data"):
+        read_series(series, "PAT003")
+    files[5].write_bytes(data)
+    ds = pydicom.dcmread(files[7])
+    ds.Modality = "MR"
+    ds.save_as(files[7])
+    with pytest.raises(InputError, match=rf"patient PAT003: .*{files[7].name}: modality MR, expected CT"):
+        read_series(series, "PAT003")
 
 
 def test_window_by_hand():

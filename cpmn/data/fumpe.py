@@ -17,9 +17,9 @@ from pathlib import Path
 
 import h5py
 import numpy as np
-import pydicom
 import scipy.io
 
+from cpmn.data.dicomio import iter_files, read_header, read_hu_slice
 from cpmn.errors import InputError
 
 #: variable names tried first in a mask file (otherwise its only array)
@@ -42,38 +42,22 @@ def fumpe_patients(root: str | Path) -> list[str]:
 def read_series(folder: str | Path, patient: str) -> tuple[np.ndarray, tuple[float, float, float]]:
     """One CT series folder -> ``(rows, columns, slices)`` float32 HU and the voxel size (mm) per axis.
 
-    Slices are ordered by InstanceNumber; HU = stored value x RescaleSlope + RescaleIntercept.
+    The files are checked as ``cpmn convert`` checks them (:func:`cpmn.data.dicomio.read_header`: corrupt or
+    truncated DICOM and a modality other than CT are errors; DICOMDIR and reports are skipped). Slices are
+    ordered by InstanceNumber, the order of the mask's third axis.
     """
     folder = Path(folder)
-    files = sorted(p for p in folder.iterdir() if p.is_file()) if folder.is_dir() else []
-    if not files:
-        raise InputError(patient, folder, "no DICOM files")
-    slices = []
-    for f in files:
-        try:
-            ds = pydicom.dcmread(f)
-            if getattr(ds, "Modality", "CT") != "CT":
-                raise InputError(patient, f, f"modality {ds.Modality}, not CT")
-            img = ds.pixel_array.astype(np.float32) * float(getattr(ds, "RescaleSlope", 1))
-            img += float(getattr(ds, "RescaleIntercept", 0))
-        except InputError:
-            raise
-        except Exception as err:
-            raise InputError(patient, f, f"cannot read DICOM ({type(err).__name__}: {err})") from err
-        slices.append((int(getattr(ds, "InstanceNumber", len(slices) + 1)), img, ds))
-    slices.sort(key=lambda s: s[0])
-    shapes = {s[1].shape for s in slices}
+    heads = [h for f in iter_files([folder], patient) if not isinstance(h := read_header(f, patient), str)]
+    if not heads:
+        raise InputError(patient, folder, "no DICOM images")
+    heads.sort(key=lambda h: (h.instance is None, h.instance or 0))
+    shapes = {(h.rows, h.cols) for h in heads}
     if len(shapes) != 1:
         raise InputError(patient, folder, f"slices of different sizes {sorted(shapes)}")
-    vol = np.stack([s[1] for s in slices], axis=-1)
-    ds0 = slices[0][2]
-    row_mm, col_mm = (float(v) for v in ds0.PixelSpacing)
-    if len(slices) > 1 and hasattr(ds0, "ImagePositionPatient"):
-        a, b = (np.array(s[2].ImagePositionPatient, float) for s in slices[:2])
-        z_mm = float(np.linalg.norm(b - a)) or float(getattr(ds0, "SliceThickness", 1.0))
-    else:
-        z_mm = float(getattr(ds0, "SliceThickness", 1.0))
-    return vol, (row_mm, col_mm, z_mm)
+    vol = np.stack([read_hu_slice(h) for h in heads], axis=-1)
+    row_mm, col_mm = heads[0].pixel_spacing
+    z_mm = float(np.linalg.norm(heads[1].ipp - heads[0].ipp)) if len(heads) > 1 else 0.0
+    return vol, (row_mm, col_mm, z_mm or float(heads[0].thickness or 1.0))
 
 
 def read_mask(path: str | Path, patient: str) -> np.ndarray:
