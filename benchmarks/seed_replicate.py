@@ -2,9 +2,10 @@
 
 Issue 24 asks whether CPMN's distance from NCT-only on the phantom benchmark is an effect of the transfer or
 the spread that any retraining has, and whether other transfer weights than the paper's do better on
-validation. This retrains ``--variant`` with ``train.seed`` = each of ``--seeds`` and its ``lambda1..3``
-multiplied by each of ``--lambda-scale`` (everything else as the study's config) and infers the test split
-with the study's ``infer`` settings (score ``infer.score``; no Grad-CAM, masks on the preprocessed grid).
+validation, and whether a longer schedule changes the answer. This retrains ``--variant`` with ``train.seed``
+= each of ``--seeds``, its ``lambda1..3`` multiplied by each of ``--lambda-scale`` and ``train.epochs`` =
+``--epochs`` if given (everything else as the study's config), and infers the test split with the study's
+``infer`` settings (score ``infer.score``; no Grad-CAM, masks on the preprocessed grid).
 Per run it writes the validation AUC and Dice of the chosen checkpoint (the choice is made on these), the
 test AUC with its DeLong CI, and the paired DeLong p against the study's own run of the same variant
 (``predictions/<v>/test.tsv``, trained with the config's ``train.seed`` and λ) and of ``--against``.
@@ -41,6 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--variant", nargs="+", default=["nct"])
     ap.add_argument("--seeds", nargs="+", type=int, default=[1])
     ap.add_argument("--lambda-scale", nargs="+", type=float, default=[1.0], help="multiplies lambda1..3")
+    ap.add_argument("--epochs", type=int, default=None, help="train.epochs (default: the study's)")
     ap.add_argument("--against", default=None, help="a second reference variant for the paired p (e.g. nct)")
     ap.add_argument("--work", default=None, help="where the replicates train (default: RESULTS/replicates)")
     ap.add_argument("--out", required=True)
@@ -66,6 +68,7 @@ def main(argv: list[str] | None = None) -> int:
             {
                 "variant": name,
                 "train_seed": int(cfg["train"]["seed"]),
+                "epochs": int(cfg["train"]["epochs"]),
                 "lambda_scale": "1",
                 "lambdas": _lambdas(entry),
                 "val_auc": val["val_auc"],
@@ -80,10 +83,14 @@ def main(argv: list[str] | None = None) -> int:
         for seed, scale in [(s, x) for s in args.seeds for x in args.lambda_scale]:
             run_cfg = copy.deepcopy(cfg)
             run_cfg["train"]["seed"] = seed
+            if args.epochs:
+                run_cfg["train"]["epochs"] = args.epochs
             run_entry = run_cfg["variants"][name]
             for k in ("lambda1", "lambda2", "lambda3"):
                 run_entry[k] = float(run_entry.get(k, 0.0)) * scale
             out = work / (f"{name}_seed{seed}" if scale == 1.0 else f"{name}_seed{seed}_x{scale:g}")
+            if args.epochs:
+                out = out.with_name(f"{out.name}_e{args.epochs}")
             t0 = time.perf_counter()
             train_variant(name, res / "splits.tsv", res / "preprocessed", res / "patches", out, run_cfg)
             params = {**run_cfg["infer"], "cam_splits": [], "compare_scores": []}
@@ -105,6 +112,7 @@ def main(argv: list[str] | None = None) -> int:
                 {
                     "variant": name,
                     "train_seed": seed,
+                    "epochs": int(run_cfg["train"]["epochs"]),
                     "lambda_scale": f"{scale:g}",
                     "lambdas": _lambdas(run_entry),
                     "val_auc": val["val_auc"],
