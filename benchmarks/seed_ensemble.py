@@ -1,0 +1,142 @@
+"""Two variants over several training seeds: per-seed test AUC, their mean, and the seed ensemble.
+
+Issue 24: with one training run per row, CPMN's distance from NCT-only on the phantom benchmark is as large as
+the spread of retraining either (docs/measurements.md §0.1). Given each variant's per-patient test predictions
+from several training seeds (the study's ``predictions/<v>/test.tsv`` and the reruns of
+``benchmarks/seed_replicate.py``), this writes
+
+- the test AUC (DeLong 95% CI) of every run, and per seed the paired difference B − A;
+- the mean and SD of each variant's AUC over its seeds;
+- the **seed ensemble** of each variant: every run's scores turned into ranks (so that runs whose score scales
+  differ weigh the same), averaged per patient; its AUC with the DeLong CI, and the paired DeLong p of B's
+  ensemble against A's. The ensemble is the variant's expected ranking over training seeds, so this test
+  holds the training-seed noise down rather than ignoring it.
+
+    R=results/benchmark
+    python benchmarks/seed_ensemble.py --a nct $R/predictions/nct/test.tsv $R/replicates/nct_seed1/test.tsv \\
+        --b cpmn $R/predictions/cpmn/test.tsv $R/replicates/cpmn_seed1/test.tsv --out seed_ensemble.tsv
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from scipy.stats import rankdata
+
+from cpmn import stats
+
+
+def read_runs(files: list[str]) -> tuple[np.ndarray, list[np.ndarray], pd.Index]:
+    """The runs' test predictions on their common patients: labels, one score array per run, patient ids."""
+    frames = [pd.read_csv(f, sep="\t").set_index("patient_id") for f in files]
+    ids = frames[0].index
+    for f, df in zip(files, frames, strict=True):
+        if set(df.index) != set(ids):
+            raise ValueError(f"{f}: not the patients of {files[0]}")
+    y = frames[0].loc[ids, "label"].to_numpy()
+    return y, [df.loc[ids, "prob"].to_numpy(float) for df in frames], ids
+
+
+def ensemble(scores: list[np.ndarray]) -> np.ndarray:
+    """Per patient, the mean over runs of the run's rank of that patient (ties share their mean rank)."""
+    return np.mean([rankdata(s) for s in scores], axis=0)
+
+
+def summarise(a: str, a_files: list[str], b: str, b_files: list[str]) -> list[dict[str, str]]:
+    ya, sa, ids = read_runs(a_files)
+    yb, sb, ids_b = read_runs(b_files)
+    order = pd.Series(range(len(ids_b)), index=ids_b).loc[ids].to_numpy()
+    yb, sb = yb[order], [s[order] for s in sb]
+    if not np.array_equal(ya, yb):
+        raise ValueError("the two variants' label columns differ")
+    rows = []
+    aucs = {a: [], b: []}
+    for name, runs, files in ((a, sa, a_files), (b, sb, b_files)):
+        for i, (s, f) in enumerate(zip(runs, files, strict=True)):
+            ci = stats.delong_ci(ya, s)
+            aucs[name].append(ci.auc)
+            rows.append(
+                {
+                    "row": f"{name} run {i}",
+                    "auc": f"{ci.auc:.3f}",
+                    "ci": f"{ci.ci[0]:.3f}-{ci.ci[1]:.3f}",
+                    "p": "-",
+                    "source": f,
+                }
+            )
+    for i, (x, z) in enumerate(zip(sa, sb, strict=False)):
+        t = stats.delong_test(ya, z, x)
+        rows.append(
+            {
+                "row": f"{b} − {a}, run {i}",
+                "auc": f"{t.diff:+.3f}",
+                "ci": "-",
+                "p": f"{t.p:.3f}",
+                "source": "paired DeLong",
+            }
+        )
+    for name in (a, b):
+        v = np.array(aucs[name])
+        rows.append(
+            {
+                "row": f"{name} mean over {len(v)} runs",
+                "auc": f"{v.mean():.3f}",
+                "ci": f"SD {v.std(ddof=1):.3f}" if len(v) > 1 else "-",
+                "p": "-",
+                "source": "-",
+            }
+        )
+    ea, eb = ensemble(sa), ensemble(sb)
+    for name, e in ((a, ea), (b, eb)):
+        ci = stats.delong_ci(ya, e)
+        rows.append(
+            {
+                "row": f"{name} seed ensemble",
+                "auc": f"{ci.auc:.3f}",
+                "ci": f"{ci.ci[0]:.3f}-{ci.ci[1]:.3f}",
+                "p": "-",
+                "source": "mean rank over runs",
+            }
+        )
+    t = stats.delong_test(ya, eb, ea)
+    rows.append(
+        {
+            "row": f"{b} − {a}, seed ensembles",
+            "auc": f"{t.diff:+.3f}",
+            "ci": "-",
+            "p": f"{t.p:.3f}",
+            "source": "paired DeLong",
+        }
+    )
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument(
+        "--a", nargs="+", required=True, metavar=("NAME", "TSV"), help="reference: name, then runs"
+    )
+    ap.add_argument(
+        "--b", nargs="+", required=True, metavar=("NAME", "TSV"), help="compared: name, then runs"
+    )
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args(argv)
+    rows = summarise(args.a[0], args.a[1:], args.b[0], args.b[1:])
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout
+    df = pd.DataFrame(rows)
+    with open(Path(args.out), "w") as fh:
+        fh.write(
+            f"# benchmarks/seed_ensemble.py, commit {commit.strip()}: test year, one row per run or summary\n"
+        )
+        df.to_csv(fh, sep="\t", index=False)
+    print(df.to_string(index=False))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
