@@ -10,7 +10,10 @@ from several training seeds (the study's ``predictions/<v>/test.tsv`` and the re
 - the **seed ensemble** of each variant: every run's scores turned into ranks (so that runs whose score scales
   differ weigh the same), averaged per patient; its AUC with the DeLong CI, and the paired DeLong p of B's
   ensemble against A's. The ensemble is the variant's expected ranking over training seeds, so this test
-  holds the training-seed noise down rather than ignoring it.
+  holds the training-seed noise down rather than ignoring it;
+- with ``--truth`` (the phantom's ``synthetic/truth`` folder), each run's mean test Dice over the PE
+  patients against ``truth/<id>/mask_nct.nii.gz`` (the predicted masks are the ``mask`` column, relative to
+  the TSV's folder), and per seed the paired Wilcoxon signed-rank p of B's per-patient Dice against A's.
 
     R=results/benchmark
     python benchmarks/seed_ensemble.py --a nct $R/predictions/nct/test.tsv $R/replicates/nct_seed1/test.tsv \\
@@ -26,9 +29,10 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from scipy.stats import rankdata
+from scipy.stats import rankdata, wilcoxon
 
 from cpmn import stats
+from cpmn.evaluate.metrics import dice, load_mask
 
 
 def read_runs(files: list[str]) -> tuple[np.ndarray, list[np.ndarray], pd.Index]:
@@ -47,7 +51,19 @@ def ensemble(scores: list[np.ndarray]) -> np.ndarray:
     return np.mean([rankdata(s) for s in scores], axis=0)
 
 
-def summarise(a: str, a_files: list[str], b: str, b_files: list[str]) -> list[dict[str, str]]:
+def run_dice(file: str, truth: Path) -> dict[str, float]:
+    """Per PE patient of one run's predictions, the Dice of its mask against the phantom's NCT truth."""
+    df = pd.read_csv(file, sep="\t")
+    out = {}
+    for pid, mask in zip(df.loc[df.label == 1, "patient_id"], df.loc[df.label == 1, "mask"], strict=True):
+        pred = load_mask(Path(file).parent / mask, pid)
+        out[pid] = dice(pred, load_mask(truth / pid / "mask_nct.nii.gz", pid))
+    return out
+
+
+def summarise(
+    a: str, a_files: list[str], b: str, b_files: list[str], truth: Path | None = None
+) -> list[dict[str, str]]:
     ya, sa, ids = read_runs(a_files)
     yb, sb, ids_b = read_runs(b_files)
     order = pd.Series(range(len(ids_b)), index=ids_b).loc[ids].to_numpy()
@@ -55,17 +71,21 @@ def summarise(a: str, a_files: list[str], b: str, b_files: list[str]) -> list[di
     if not np.array_equal(ya, yb):
         raise ValueError("the two variants' label columns differ")
     rows = []
-    aucs = {a: [], b: []}
+    aucs: dict[str, list[float]] = {a: [], b: []}
+    dices: dict[str, list[float]] = {a: [], b: []}
     for name, runs, files in ((a, sa, a_files), (b, sb, b_files)):
         for i, (s, f) in enumerate(zip(runs, files, strict=True)):
             ci = stats.delong_ci(ya, s)
             aucs[name].append(ci.auc)
+            d = np.mean(list(run_dice(f, truth).values())) if truth else float("nan")
+            dices[name].append(d)
             rows.append(
                 {
                     "row": f"{name} run {i}",
                     "auc": f"{ci.auc:.3f}",
                     "ci": f"{ci.ci[0]:.3f}-{ci.ci[1]:.3f}",
                     "p": "-",
+                    "dice": f"{d:.3f}",
                     "source": f,
                 }
             )
@@ -80,6 +100,19 @@ def summarise(a: str, a_files: list[str], b: str, b_files: list[str]) -> list[di
                 "source": "paired DeLong",
             }
         )
+        if truth:
+            da, db = run_dice(a_files[i], truth), run_dice(b_files[i], truth)
+            diff = np.array([db[k] - da[k] for k in sorted(da)])
+            rows.append(
+                {
+                    "row": f"{b} − {a}, run {i}, Dice",
+                    "auc": "-",
+                    "ci": "-",
+                    "p": f"{wilcoxon(diff).pvalue:.3f}",
+                    "dice": f"{diff.mean():+.3f}",
+                    "source": "paired Wilcoxon signed-rank",
+                }
+            )
     for name in (a, b):
         v = np.array(aucs[name])
         rows.append(
@@ -88,6 +121,7 @@ def summarise(a: str, a_files: list[str], b: str, b_files: list[str]) -> list[di
                 "auc": f"{v.mean():.3f}",
                 "ci": f"SD {v.std(ddof=1):.3f}" if len(v) > 1 else "-",
                 "p": "-",
+                "dice": f"{np.mean(dices[name]):.3f}",
                 "source": "-",
             }
         )
@@ -124,11 +158,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--b", nargs="+", required=True, metavar=("NAME", "TSV"), help="compared: name, then runs"
     )
+    ap.add_argument("--truth", type=Path, default=None, help="the phantom's synthetic/truth folder (Dice)")
     ap.add_argument("--out", required=True)
     args = ap.parse_args(argv)
-    rows = summarise(args.a[0], args.a[1:], args.b[0], args.b[1:])
+    rows = summarise(args.a[0], args.a[1:], args.b[0], args.b[1:], args.truth)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout
-    df = pd.DataFrame(rows)
+    df = pd.DataFrame(rows).fillna("-")
     with open(Path(args.out), "w") as fh:
         fh.write(
             f"# benchmarks/seed_ensemble.py, commit {commit.strip()}: test year, one row per run or summary\n"
