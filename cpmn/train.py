@@ -296,6 +296,8 @@ def train_variant(
 
     _seed_everything(int(tcfg["seed"]))
     model = build_model(entry, model_cfg).to(device)
+    fmt = torch.channels_last_3d if tcfg["channels_last"] else torch.contiguous_format
+    model = model.to(memory_format=fmt)
     loss_fn = build_loss(entry, model_cfg).to(device)
     # DDP averages the ranks' gradients of their B / N samples: the gradient of the mean over all B
     net: torch.nn.Module = model
@@ -357,7 +359,12 @@ def train_variant(
                 bar.close()
                 distributed_teardown(own_group)
                 return {"status": "stopped", "step": step, "best_val_auc": best_auc, "rows": rows}
-            batch = {k: v.to(device, non_blocking=pin) for k, v in batch.items()}
+            batch = {
+                k: v.to(
+                    device, non_blocking=pin, memory_format=fmt if v.dim() == 5 else torch.preserve_format
+                )
+                for k, v in batch.items()
+            }
             total, terms = train_step(net, loss_fn, opt, batch, device, amp_dtype)
             sched.step()
             step += 1
