@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 import yaml
+from train_step import fake_batch  # benchmarks/train_step.py, beside this script
 
 from cpmn.train import train_step
 from cpmn.variants import build_variant
@@ -31,23 +32,11 @@ from cpmn.variants import build_variant
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def fake_batch(size: tuple[int, ...], batch: int) -> dict[str, torch.Tensor]:
-    """A fixed batch: noise in both phases, one cube of embolus in the first patch."""
-    g = torch.Generator().manual_seed(0)
-    b = {k: torch.rand(batch, 1, *size, generator=g) for k in ("ctpa", "nct")}
-    mask = torch.zeros(batch, 1, *size)
-    c = [s // 2 for s in size]
-    mask[0, :, c[0] - 4 : c[0] + 4, c[1] - 4 : c[1] + 4, c[2] - 3 : c[2] + 3] = 1
-    b["mask"] = mask
-    b["label"] = (mask.flatten(1).amax(1) > 0).float()
-    return b
-
-
 def run(option: str, variant: str, cfg: dict, steps: int, warmup: int) -> dict[str, object]:
     torch.manual_seed(0)
     model, loss_fn = build_variant(variant, cfg)
     model.train()
-    b = fake_batch(tuple(cfg["patches"]["size"]), int(cfg["train"]["batch_size"]))
+    b = fake_batch(tuple(cfg["patches"]["size"]), int(cfg["train"]["batch_size"]), torch.device("cpu"))
     if option == "channels_last_3d":
         model = model.to(memory_format=torch.channels_last_3d)
         b = {
