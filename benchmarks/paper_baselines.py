@@ -20,6 +20,7 @@ import torch
 
 from cpmn import infer
 from cpmn.config import deep_merge, load_yaml
+from cpmn.train import train_step
 from cpmn.variants import build_variant
 
 
@@ -35,10 +36,7 @@ def run_one(name: str, cfg: dict) -> dict:
     batch["label"] = torch.tensor([1.0])
     t = time.perf_counter()
     model.train()
-    total, terms = loss_fn(model(batch), batch["mask"], batch["label"])
-    opt.zero_grad()
-    total.backward()
-    opt.step()
+    _, terms = train_step(model, loss_fn, opt, batch, torch.device("cpu"), None)
     step = time.perf_counter() - t
     pathway = model.pathway("nct").eval()
     vol = np.random.default_rng(0).random((240, 230, 110)).astype(np.float32)

@@ -73,11 +73,13 @@ def summarise(
     rows = []
     aucs: dict[str, list[float]] = {a: [], b: []}
     dices: dict[str, list[float]] = {a: [], b: []}
+    # each run's per-patient Dice, read once (the masks are NIfTI files)
+    per_patient = {f: run_dice(f, truth) for f in (*a_files, *b_files)} if truth else {}
     for name, runs, files in ((a, sa, a_files), (b, sb, b_files)):
         for i, (s, f) in enumerate(zip(runs, files, strict=True)):
             ci = stats.delong_ci(ya, s)
             aucs[name].append(ci.auc)
-            d = np.mean(list(run_dice(f, truth).values())) if truth else float("nan")
+            d = np.mean(list(per_patient[f].values())) if truth else float("nan")
             dices[name].append(d)
             rows.append(
                 {
@@ -101,7 +103,7 @@ def summarise(
             }
         )
         if truth:
-            da, db = run_dice(a_files[i], truth), run_dice(b_files[i], truth)
+            da, db = per_patient[a_files[i]], per_patient[b_files[i]]
             diff = np.array([db[k] - da[k] for k in sorted(da)])
             rows.append(
                 {
