@@ -209,8 +209,7 @@ def register_patient(
     """
     p = {**DEFAULTS, **(params or {})}
     _setup_environment(threads, p["random_seed"])
-    ants = import_ants()
-    import ants.config
+    ants = import_ants()  # ants/__init__ imports ants.config
 
     ants.config._random_seed = int(p["random_seed"])  # adds --random-seed to antsRegistration
 
