@@ -178,22 +178,3 @@ def test_defaults_match_config_yaml():
 
     cfg = load_config(Path(__file__).resolve().parents[1] / "config" / "config.yaml")["register"]
     assert DEFAULTS == cfg
-
-
-def test_import_ants_leaves_out_learn_and_plotting_but_not_for_good():
-    """`import_ants` loads antspyx without ants.learn (scikit-learn) and ants.plotting (matplotlib), which
-    registration never calls; a later `import ants.learn` in the same process still gets the real module."""
-    import subprocess
-    import sys
-
-    code = (
-        "import sys\n"
-        "from cpmn.data.register import import_ants\n"
-        "ants = import_ants()\n"
-        "print(callable(ants.registration), callable(ants.apply_transforms))\n"
-        "print('ants.learn' in sys.modules, 'ants.plotting' in sys.modules, 'matplotlib' in sys.modules)\n"
-        "import ants.learn\n"
-        "print(callable(ants.learn.eig_seg))\n"
-    )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert out.split("\n")[:3] == ["True True", "False False False", "True"]

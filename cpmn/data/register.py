@@ -67,37 +67,8 @@ def _setup_environment(threads: int | None, seed: int) -> None:
     os.environ["ANTS_RANDOM_SEED"] = str(int(seed))
 
 
-#: antspyx submodules that its ``__init__`` imports but nothing here uses (nor any other ants submodule):
-#: ``ants.learn`` pulls in scikit-learn and statsmodels (1.8 s), ``ants.plotting`` matplotlib (0.4 s)
-_UNUSED_ANTS = ("ants.learn", "ants.plotting")
-
-
-def import_ants():
-    """``import ants`` (antspyx, an optional heavy dependency, imported on first use) without the
-    submodules of :data:`_UNUSED_ANTS`.
-
-    antspyx 0.6.3 imports every submodule on ``import ants``: 2.7 s of a 6 s registration job on the demo
-    grid, of which these two take 2.2 s (``python -X importtime``). They are stood in for by empty modules
-    while ``ants`` loads and removed again, so a later ``import ants.learn`` in the same process imports the
-    real one. Returns the module.
-    """
-    if "ants" in sys.modules:
-        return sys.modules["ants"]
-    import types
-
-    stubs = [n for n in _UNUSED_ANTS if n not in sys.modules]
-    for name in stubs:
-        sys.modules[name] = types.ModuleType(name)
-    try:
-        import ants
-    finally:
-        for name in stubs:
-            sys.modules.pop(name, None)
-    return ants
-
-
 def _read(path: str | os.PathLike, patient_id: str, what: str):
-    ants = import_ants()
+    import ants
 
     p = Path(path)
     load_nifti(p, patient_id, what)  # ITK fills a truncated .nii.gz silently; nibabel decoding does not
@@ -125,7 +96,7 @@ def _same_grid(a, b) -> bool:
 
 def registration_copy(img, hu_clip: tuple[float, float] | None, reg_spacing: float | None):
     """The image the metric sees: HU-clipped and, where finer than ``reg_spacing`` mm, downsampled."""
-    ants = import_ants()
+    import ants
 
     out = img.clone("float")
     if hu_clip is not None:
@@ -173,7 +144,7 @@ def dice(a: np.ndarray, b: np.ndarray) -> float:
 
 def _jacobian_qc(domain, fwdtransforms: list[str]) -> tuple[float, float]:
     """(min Jacobian determinant, % voxels with det <= 0) of the forward transform on ``domain``."""
-    ants = import_ants()
+    import ants
 
     warps = [t for t in fwdtransforms if t.endswith(".nii.gz") or t.endswith(".nii")]
     affines = [t for t in fwdtransforms if t.endswith(".mat")]
@@ -209,7 +180,8 @@ def register_patient(
     """
     p = {**DEFAULTS, **(params or {})}
     _setup_environment(threads, p["random_seed"])
-    ants = import_ants()  # ants/__init__ imports ants.config
+    import ants
+    import ants.config
 
     ants.config._random_seed = int(p["random_seed"])  # adds --random-seed to antsRegistration
 
