@@ -1,6 +1,7 @@
-"""What `channels_last_3d` and `torch.compile` do to one CPU training step, measured in one run.
+"""What `channels_last_3d`, `torch.compile` and bf16 autocast do to a CPU training step, in one run.
 
-Usage: ``.venv/bin/python benchmarks/step_options.py [--variant nct] [--steps 20] [--threads 1] [--json OUT]``
+Usage: ``.venv/bin/python benchmarks/step_options.py [--variant nct] [--steps 20] [--threads 1]
+[--options eager bf16 ...] [--json OUT]``
 
 Issue 24 asks to try them. For the variant at the demo's patch and batch (config/config.yaml), each option
 trains the same model from the same weights on the same fixed batch:
@@ -8,7 +9,9 @@ trains the same model from the same weights on the same fixed batch:
 - ``eager``: as the trainer runs today;
 - ``channels_last_3d``: the model and the inputs in ``torch.channels_last_3d`` memory format;
 - ``compile``: ``torch.compile`` of the model (inductor, the default mode); its first steps (compilation) are
-  timed apart from the steady state.
+  timed apart from the steady state;
+- ``bf16``: the forward pass under ``torch.autocast("cpu", torch.bfloat16)``, as ``train.amp`` does on CUDA
+  (the trainer does not do it on CPU); oneDNN runs bf16 convolutions natively on CPUs with AVX512-BF16 or AMX.
 
 It prints the median step time of each and its ratio to eager, and the largest difference of the loss over
 the steps against eager (the options must train the same network, not another one).
@@ -30,6 +33,7 @@ from cpmn.train import train_step
 from cpmn.variants import build_variant
 
 ROOT = Path(__file__).resolve().parents[1]
+OPTIONS = ("eager", "channels_last_3d", "compile", "bf16")
 
 
 def run(option: str, variant: str, cfg: dict, steps: int, warmup: int) -> dict[str, object]:
@@ -44,11 +48,12 @@ def run(option: str, variant: str, cfg: dict, steps: int, warmup: int) -> dict[s
         }
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     net = torch.compile(model) if option == "compile" else model
+    amp = torch.bfloat16 if option == "bf16" else None
     times, losses = [], []
     t_start = time.perf_counter()
     for i in range(warmup + steps):
         t0 = time.perf_counter()
-        total, _ = train_step(net, loss_fn, opt, b, torch.device("cpu"), None)
+        total, _ = train_step(net, loss_fn, opt, b, torch.device("cpu"), amp)
         dt = time.perf_counter() - t0
         losses.append(float(total.detach()))
         if i == warmup - 1:
@@ -64,14 +69,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--options", nargs="+", default=list(OPTIONS), choices=OPTIONS, help="eager always runs")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     cfg = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())
-    res = {
-        o: run(o, args.variant, cfg, args.steps, args.warmup)
-        for o in ("eager", "channels_last_3d", "compile")
-    }
+    chosen = ["eager", *(o for o in args.options if o != "eager")]
+    res = {o: run(o, args.variant, cfg, args.steps, args.warmup) for o in chosen}
     base = res["eager"]
     print(
         f"{args.variant}, patch {cfg['patches']['size']}, batch {cfg['train']['batch_size']},"
