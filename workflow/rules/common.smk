@@ -150,12 +150,25 @@ def included_sheet():
     return checkpoints.screen_cohort.get().output.included
 
 
+_INCLUDED = {}
+
+
 def included():
-    """The included patients as a DataFrame indexed by patient_id."""
-    # text cells, as screening reads the sheet: an id such as "NA" stays an id
-    return pd.read_csv(
-        included_sheet(), sep="\t", dtype=str, keep_default_na=False
-    ).set_index("patient_id")
+    """The included patients as a DataFrame indexed by patient_id.
+
+    Read once per version of the sheet (path, mtime, size): Snakemake re-evaluates the params of every ready
+    job in each scheduling round, and a read per call was most of its own CPU time (docs/measurements.md).
+    """
+    path = included_sheet()
+    st = os.stat(path)
+    key = (path, st.st_mtime_ns, st.st_size)
+    if key not in _INCLUDED:
+        _INCLUDED.clear()
+        # text cells, as screening reads the sheet: an id such as "NA" stays an id
+        _INCLUDED[key] = pd.read_csv(
+            path, sep="\t", dtype=str, keep_default_na=False
+        ).set_index("patient_id")
+    return _INCLUDED[key]
 
 
 def patients():
