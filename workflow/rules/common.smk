@@ -1,4 +1,5 @@
 # Config validation, the cohort, and the named input functions (no lambdas in rules).
+import functools
 import json
 import math
 import os
@@ -150,25 +151,23 @@ def included_sheet():
     return checkpoints.screen_cohort.get().output.included
 
 
-_INCLUDED = {}
+@functools.lru_cache(maxsize=1)
+def _read_included(path, mtime_ns, size):
+    # text cells, as screening reads the sheet: an id such as "NA" stays an id
+    return pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False).set_index(
+        "patient_id"
+    )
 
 
 def included():
     """The included patients as a DataFrame indexed by patient_id.
 
-    Read once per version of the sheet (path, mtime, size): Snakemake re-evaluates the params of every ready
-    job in each scheduling round, and a read per call was most of its own CPU time (docs/measurements.md).
+    Read once per version of the sheet (path, mtime, size), not once per input-function call: building the
+    benchmark's DAG called this 1068 times (docs/measurements.md, section 0.7).
     """
     path = included_sheet()
     st = os.stat(path)
-    key = (path, st.st_mtime_ns, st.st_size)
-    if key not in _INCLUDED:
-        _INCLUDED.clear()
-        # text cells, as screening reads the sheet: an id such as "NA" stays an id
-        _INCLUDED[key] = pd.read_csv(
-            path, sep="\t", dtype=str, keep_default_na=False
-        ).set_index("patient_id")
-    return _INCLUDED[key]
+    return _read_included(path, st.st_mtime_ns, st.st_size)
 
 
 def patients():
