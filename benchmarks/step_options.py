@@ -12,6 +12,8 @@ trains the same model from the same weights on the same fixed batch:
   timed apart from the steady state;
 - ``bf16``: the forward pass under ``torch.autocast("cpu", torch.bfloat16)``, as ``train.amp`` does on CUDA
   (the trainer does not do it on CPU); oneDNN runs bf16 convolutions natively on CPUs with AVX512-BF16 or AMX.
+  It times the step only: in real training on this CPU it gave NaN weight gradients within 70 steps
+  (docs/measurements.md §2).
 
 It prints the median step time of each and its ratio to eager, and the largest difference of the loss over
 the steps against eager (the options must train the same network, not another one).

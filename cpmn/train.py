@@ -8,7 +8,8 @@ Optimiser Adam (``train.lr`` = 1e-3), cosine annealing per step to ``train.lr_mi
 ``epochs × steps_per_epoch`` steps, batch ``train.batch_size``. On CUDA with ``train.amp`` the forward pass
 runs under ``torch.autocast`` in bf16 where the GPU supports it (the losses are computed in float32); the
 CPU path runs in float32 with ``torch.use_deterministic_algorithms``, so a fixed seed gives identical
-weights. After every epoch: validation (patient-level AUC on the ``val`` split with the score that inference
+weights (bf16 on the CPU gave NaN weight gradients, docs/measurements.md §2). An epoch whose mean
+``L_total`` is not finite stops the run with :class:`FloatingPointError`, and no ``model.pt`` is left. After every epoch: validation (patient-level AUC on the ``val`` split with the score that inference
 reports, ``infer.score``: :func:`cpmn.infer.patient_score`), a row of ``train_log.tsv``,
 ``last.pt`` (model, optimiser, scheduler, python/numpy/torch RNG states and the sampler position) and, when
 the validation AUC improves, ``model.pt`` (``last.pt`` keeps a copy of it too). A run started again over
@@ -345,6 +346,7 @@ def train_variant(
         )
         model.train()
         sums = dict.fromkeys(TERMS, 0.0)
+        first_bad: int | None = None  # the first step of this process whose L_total is not finite
         t0 = time.perf_counter()
         # disable=None: tqdm draws only on a terminal; a rule's log file gets the per-epoch lines alone
         bar = tqdm(
@@ -370,12 +372,23 @@ def train_variant(
             step += 1
             for k in TERMS:
                 sums[k] += terms[k]
+            if first_bad is None and not math.isfinite(terms["L_total"]):
+                first_bad = step
             bar.set_postfix(loss=f"{terms['L_total']:.4f}")
         bar.close()
         if world > 1:  # the epoch's mean terms over every rank's samples, as one process would log them
             means = torch.tensor([sums[k] for k in TERMS], dtype=torch.float64)
             torch.distributed.all_reduce(means)
             sums = {k: float(v) / world for k, v in zip(TERMS, means, strict=True)}
+        if not math.isfinite(sums["L_total"]):  # every rank sees the same all-reduced sum: all stop together
+            distributed_teardown(own_group)
+            if rank == 0:
+                model_path.unlink(missing_ok=True)
+            where = f", first at step {first_bad}" if first_bad is not None else " (on another rank)"
+            raise FloatingPointError(
+                f"L_total is not finite in epoch {epoch + 1}{where}; no model is written"
+                f" (the last finite epoch's checkpoint {last_path.name} is kept)"
+            )
         if rank > 0:  # rank 0 validates and writes; the others go on to the next epoch's first all-reduce
             continue
 
@@ -474,7 +487,7 @@ def run(args: argparse.Namespace) -> int:
         )
     except InputError as err:
         return report(err)
-    except (KeyError, ValueError) as err:
+    except (KeyError, ValueError, FloatingPointError) as err:
         print(f"ERROR variant {args.variant}: {err}", file=sys.stderr)
         return 1
     auc = summary["best_val_auc"]

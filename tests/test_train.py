@@ -153,6 +153,40 @@ def test_resumed_run_does_only_the_remaining_steps(cohort, tmp_path, monkeypatch
     )
 
 
+def test_a_non_finite_loss_stops_training_and_writes_no_model(cohort, tmp_path, monkeypatch, capsys):
+    """A NaN patch at the third optimiser step (epoch 2 of 2 x 2 steps) reaches L_total through the real
+    model and loss: the run stops at the end of that epoch with one line that names the epoch and the step,
+    ``model.pt`` of epoch 1 is removed, and ``last.pt`` stays at epoch 1 (as the NaN run of CPU bf16
+    autocast in docs/measurements.md would otherwise have written a model that scores every patient NaN)."""
+    calls = []
+    real = train_mod.train_step
+
+    def poisoned(model, loss_fn, opt, batch, *args):
+        calls.append(1)
+        if len(calls) == 3:
+            batch = {**batch, "nct": torch.full_like(batch["nct"], float("nan"))}
+        return real(model, loss_fn, opt, batch, *args)
+
+    monkeypatch.setattr(train_mod, "train_step", poisoned)
+    out = tmp_path / "m"
+    with pytest.raises(FloatingPointError, match=r"not finite in epoch 2, first at step 3; no model is written"):
+        _run(cohort, out, _config())
+    assert len(calls) == 4 and not (out / "model.pt").exists()
+    assert torch.load(out / "last.pt", weights_only=False)["epoch"] == 1
+
+    from cpmn.cli import main
+
+    calls.clear()
+    capsys.readouterr()
+    args = ["train", "--variant", "nct", "--splits", str(cohort["splits"]), "--preprocessed-dir"]
+    args += [str(cohort["pre"]), "--patches-dir", str(cohort["pat"]), "--out-dir", str(tmp_path / "cli")]
+    cfg_path = tmp_path / "cfg.yaml"
+    cfg_path.write_text(yaml.safe_dump(_config()))
+    assert main([*args, "--config", str(cfg_path)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("ERROR variant nct: L_total is not finite in epoch 2, first at step 3")
+
+
 def test_resume_after_kill_equals_straight_run(cohort, tmp_path):
     cfg = _config()
     straight = _run(cohort, tmp_path / "a", cfg)
