@@ -9,8 +9,9 @@ Optimiser Adam (``train.lr`` = 1e-3), cosine annealing per step to ``train.lr_mi
 runs under ``torch.autocast`` in bf16 where the GPU supports it (the losses are computed in float32); the
 CPU path runs in float32 with ``torch.use_deterministic_algorithms``, so a fixed seed gives identical
 weights (bf16 on the CPU gave NaN weight gradients, docs/measurements.md §2). An epoch whose mean
-``L_total`` is not finite stops the run with :class:`FloatingPointError`, and no ``model.pt`` is left. After every epoch: validation (patient-level AUC on the ``val`` split with the score that inference
-reports, ``infer.score``: :func:`cpmn.infer.patient_score`), a row of ``train_log.tsv``,
+``L_total`` is not finite stops the run with :class:`FloatingPointError`, and no ``model.pt`` is left.
+After every epoch: validation (patient-level AUC on the ``val`` split with the score that inference reports,
+``infer.score``: :func:`cpmn.infer.patient_score`), a row of ``train_log.tsv``,
 ``last.pt`` (model, optimiser, scheduler, python/numpy/torch RNG states and the sampler position) and, when
 the validation AUC improves, ``model.pt`` (``last.pt`` keeps a copy of it too). A run started again over
 an existing ``last.pt`` of the same settings *and the same data* (ordered train/val ids and a digest of

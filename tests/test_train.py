@@ -169,7 +169,7 @@ def test_a_non_finite_loss_stops_training_and_writes_no_model(cohort, tmp_path, 
 
     monkeypatch.setattr(train_mod, "train_step", poisoned)
     out = tmp_path / "m"
-    with pytest.raises(FloatingPointError, match=r"not finite in epoch 2, first at step 3; no model is written"):
+    with pytest.raises(FloatingPointError, match=r"epoch 2, first at step 3; no model is written"):
         _run(cohort, out, _config())
     assert len(calls) == 4 and not (out / "model.pt").exists()
     assert torch.load(out / "last.pt", weights_only=False)["epoch"] == 1
