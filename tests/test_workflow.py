@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -153,6 +154,22 @@ def test_lint_is_clean():
     r = snakemake("--lint")
     assert r.returncode == 0, r.stdout[-3000:]
     assert "Congratulations" in r.stdout + r.stderr
+
+
+def test_every_rule_has_a_log_and_a_benchmark():
+    """Every rule and checkpoint of workflow/rules/ (snakefmt-formatted: directives at four spaces) names a
+    ``log:`` and a ``benchmark:``, so that a failed job has its log and every stage's run time is measured."""
+    blocks = {}
+    for smk in sorted((ROOT / "workflow" / "rules").glob("*.smk")):
+        parts = re.split(r"^(?:rule|checkpoint) (\w+):\n", smk.read_text(), flags=re.M)
+        blocks.update(
+            {f"{smk.name}:{name}": body for name, body in zip(parts[1::2], parts[2::2], strict=True)}
+        )
+    assert len(blocks) >= 15
+    missing = [
+        (n, d) for n, body in blocks.items() for d in ("log", "benchmark") if f"\n    {d}:" not in body
+    ]
+    assert not missing
 
 
 @pytest.mark.slow

@@ -37,6 +37,8 @@ checkpoint screen_cohort:
         overlays=directory(f"{RES}/qc/mask_overlays"),
     log:
         f"{RES}/logs/screen_cohort.log",
+    benchmark:
+        f"{RES}/benchmarks/screen_cohort.tsv"
     conda:
         "../../envs/dicom.yaml"
     threads: 1
@@ -59,6 +61,8 @@ rule split:
         f"{RES}/splits.tsv",
     log:
         f"{RES}/logs/split.log",
+    benchmark:
+        f"{RES}/benchmarks/split.tsv"
     conda:
         "../../envs/dicom.yaml"
     threads: 1

@@ -44,6 +44,8 @@ rule registration_qc:
         ),
     log:
         f"{RES}/logs/registration_qc.log",
+    benchmark:
+        f"{RES}/benchmarks/registration_qc.tsv"
     conda:
         "../../envs/register.yaml"
     threads: 1
