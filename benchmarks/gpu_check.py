@@ -6,7 +6,7 @@ FlexibleUNet with BatchNorm, IFA on the paper's node count, IFD at full resoluti
 :func:`cpmn.train.train_step`, the trainer's own step (Adam, bf16 autocast on CUDA, losses in float32), on
 a learnable synthetic batch: each sample is noise with, for half of the batch, a bright ellipsoid that is
 both the mask and the label, so the losses must fall. Then one sliding-window inference
-(:func:`cpmn.infer.segment`) over a 320x320x128 volume. It prints and writes to ``--out``:
+(:func:`cpmn.scoring.segment`) over a 320x320x128 volume. It prints and writes to ``--out``:
 
 - seconds per step (median after ``--warmup`` steps), samples per second;
 - peak GPU memory (``torch.cuda.max_memory_allocated``);
@@ -34,7 +34,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from cpmn.config import fill_defaults, load_config
-from cpmn.infer import segment
+from cpmn.scoring import segment
 from cpmn.train import autocast_dtype, train_step
 from cpmn.variants import build_variant
 

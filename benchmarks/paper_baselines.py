@@ -18,7 +18,7 @@ import time
 import numpy as np
 import torch
 
-from cpmn import infer
+from cpmn import infer, scoring
 from cpmn.config import deep_merge, load_yaml
 from cpmn.train import train_step
 from cpmn.variants import build_variant
@@ -41,9 +41,9 @@ def run_one(name: str, cfg: dict) -> dict:
     pathway = model.pathway("nct").eval()
     vol = np.random.default_rng(0).random((240, 230, 110)).astype(np.float32)
     t = time.perf_counter()
-    p = {**infer.DEFAULTS, "sw_batch_size": 1}
-    seg, mask = infer.patient_score(pathway, vol, (1.5, 1.5, 3.0), patch, {**p, "score": "seg_volume"})
-    centre, _ = infer.patient_score(pathway, vol, None, patch, {**p, "score": "centre"})
+    p = {**scoring.DEFAULTS, "sw_batch_size": 1}
+    seg, mask = scoring.patient_score(pathway, vol, (1.5, 1.5, 3.0), patch, {**p, "score": "seg_volume"})
+    centre, _ = scoring.patient_score(pathway, vol, None, patch, {**p, "score": "centre"})
     cam = infer.grad_cam(pathway, vol, patch, p)
     return {
         "step_s": round(step, 1),

@@ -27,7 +27,7 @@ from typing import Any
 import pandas as pd
 import torch
 
-from cpmn import __version__, infer
+from cpmn import __version__, scoring
 from cpmn.config import add_config_arguments, resolve
 from cpmn.data.preprocess import CONTRACT
 from cpmn.errors import InputError, atomic_path, report
@@ -67,7 +67,7 @@ def build_card(
     threshold = (entry or {}).get("threshold")
     if not threshold or threshold.get("value") is None:
         raise InputError(None, "stats.json", f"no threshold for variant {variant!r}")
-    infer_cfg = variant_score(ckpt["variant"], {**infer.DEFAULTS, **(cfg.get("infer") or {})})
+    infer_cfg = variant_score(ckpt["variant"], {**scoring.DEFAULTS, **(cfg.get("infer") or {})})
     settings = {
         "variant": variant,
         "entry": ckpt["variant"],

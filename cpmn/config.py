@@ -52,6 +52,12 @@ def schema_defaults(section: str | None = None) -> dict[str, Any]:
     return {k: copy.deepcopy(v["default"]) for k, v in sub.get("properties", {}).items() if "default" in v}
 
 
+def variant_defaults() -> dict[str, Any]:
+    """The schema's ``default:`` values of one ``variants:`` entry, a fresh copy."""
+    entry = _schema()["properties"]["variants"]["additionalProperties"]["properties"]
+    return {k: copy.deepcopy(v["default"]) for k, v in entry.items() if "default" in v}
+
+
 def load_yaml(path: str | Path) -> dict[str, Any]:
     """Read a YAML mapping; an empty file is an empty dict."""
     with open(path) as fh:

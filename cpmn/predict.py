@@ -10,8 +10,8 @@ summary, the package version). The scan goes through the pipeline's own code, in
    (:func:`cpmn.data.convert.convert_patient`, NCT phase only); a NIfTI is read as it is;
 2. :func:`cpmn.data.preprocess.prepare_nct` puts it on the training grid (canonical orientation, spacing, the
    NCT window, body crop) and checks that the field of view holds a chest (air-filled lungs in the body);
-3. the patient probability comes from :func:`cpmn.infer.patient_score` with the model's score, the mask from
-   :func:`cpmn.infer.predict_mask` (kept inside the slice-wise filled body: lungs and mediastinum), the CAM
+3. the patient probability comes from :func:`cpmn.scoring.patient_score` with the model's score, the mask from
+   :func:`cpmn.scoring.predict_mask` (kept inside the slice-wise filled body: lungs and mediastinum), the CAM
    from :func:`cpmn.infer.grad_cam`.
 
 ``DIR`` receives ``report.json`` (probability, the decision at the stored threshold, the embolus volume in
@@ -39,7 +39,7 @@ import torch
 from nibabel.orientations import apply_orientation, axcodes2ornt, io_orientation, ornt_transform
 from scipy import ndimage
 
-from cpmn import __version__, card, infer
+from cpmn import __version__, card, infer, scoring
 from cpmn.data.convert import convert_patient
 from cpmn.data.niftiio import load_nifti
 from cpmn.data.preprocess import filled_body, prepare_nct, to_original_grid
@@ -170,10 +170,10 @@ def predict_scan(
 
         t = _step(3, f"scoring ({model_card['infer']['score']}) and segmenting")
         patch = tuple(int(v) for v in model_card["patch_size"])
-        params = {**infer.DEFAULTS, **model_card["infer"]}
-        prob, mask = infer.patient_score(pathway, grid["nct"], grid["spacing"], patch, params, device)
+        params = {**scoring.DEFAULTS, **model_card["infer"]}
+        prob, mask = scoring.patient_score(pathway, grid["nct"], grid["spacing"], patch, params, device)
         if mask is None:
-            mask = infer.predict_mask(pathway, grid["nct"], patch, params, device)
+            mask = scoring.predict_mask(pathway, grid["nct"], patch, params, device)
         # a mask in the air around the patient is no finding: keep the body, lungs and mediastinum included
         mask = (mask.cpu().numpy() > 0) & grid["body_filled"]
         mask = mask.astype(np.uint8)

@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 from scipy import stats as sps
+from statsmodels.stats.contingency_tables import mcnemar
 
 
 @dataclass(frozen=True)
@@ -251,8 +252,6 @@ def paired_permutation_test(
 
 def mcnemar_exact(correct_a: np.ndarray, correct_b: np.ndarray) -> float:
     """Exact McNemar p-value (statsmodels, binomial on the discordant pairs) for paired 0/1 outcomes."""
-    from statsmodels.stats.contingency_tables import mcnemar
-
     a = np.asarray(correct_a).astype(bool)
     b = np.asarray(correct_b).astype(bool)
     table = np.array([[np.sum(a & b), np.sum(a & ~b)], [np.sum(~a & b), np.sum(~a & ~b)]])

@@ -11,7 +11,7 @@ CPU path runs in float32 with ``torch.use_deterministic_algorithms``, so a fixed
 weights (bf16 on the CPU gave NaN weight gradients, docs/measurements.md §2). An epoch whose mean
 ``L_total`` is not finite stops the run with :class:`FloatingPointError`, and no ``model.pt`` is left.
 After every epoch: validation (patient-level AUC on the ``val`` split with the score that inference reports,
-``infer.score``: :func:`cpmn.infer.patient_score`), a row of ``train_log.tsv``,
+``infer.score``: :func:`cpmn.scoring.patient_score`), a row of ``train_log.tsv``,
 ``last.pt`` (model, optimiser, scheduler, python/numpy/torch RNG states and the sampler position) and, when
 the validation AUC improves, ``model.pt`` (``last.pt`` keeps a copy of it too). A run started again over
 an existing ``last.pt`` of the same settings *and the same data* (ordered train/val ids and a digest of
@@ -49,7 +49,7 @@ from sklearn.metrics import roc_auc_score
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from cpmn import infer
+from cpmn import scoring
 from cpmn.config import add_config_arguments, resolve, schema_defaults
 from cpmn.data.dataset import PatchDataset, StepShard, load_patient
 from cpmn.data.split import read_splits
@@ -229,7 +229,7 @@ def train_variant(
 
     ``cfg`` holds the ``model``, ``train``, ``patches``, ``variants`` and ``infer`` sections (defaults as in
     config/config.yaml for missing keys; ``infer`` gives the validation score, see
-    :func:`cpmn.infer.patient_score`). ``max_steps`` stops the run before optimiser step
+    :func:`cpmn.scoring.patient_score`). ``max_steps`` stops the run before optimiser step
     ``max_steps + 1`` without writing anything more, as a kill would (the last epoch checkpoint stays);
     running again with ``resume=True`` continues from ``last.pt``. Returns a summary dict (``status``
     ``"done"`` or ``"stopped"``, ``step``, ``best_val_auc``, ``rows``).
@@ -242,7 +242,7 @@ def train_variant(
     segments = trains_segmentation(entry)
 
     # the validation score: infer.score or the variant's own (a bad pairing fails here; `cpmn train` names it)
-    icfg = variant_score(entry, {**infer.DEFAULTS, **(cfg.get("infer") or {})})
+    icfg = variant_score(entry, {**scoring.DEFAULTS, **(cfg.get("infer") or {})})
     patch_size = [int(s) for s in pcfg["size"]]
     if min(patch_size) < 32:
         raise ValueError(f"patches.size {patch_size}: every axis must be >= 32 (the encoder's stride)")
@@ -396,11 +396,11 @@ def train_variant(
         pathway = model.pathway(phase)
         scores, dices = [], []
         for _, v, lab, sp, ref in val_data:
-            score, mask = infer.patient_score(pathway, v, sp, patch_size, icfg, device)
+            score, mask = scoring.patient_score(pathway, v, sp, patch_size, icfg, device)
             scores.append(score)
             if lab == 1 and segments:
                 if mask is None:  # a score that needs no mask: segment for the curve's Dice only
-                    mask = infer.predict_mask(pathway, v, patch_size, icfg, device)
+                    mask = scoring.predict_mask(pathway, v, patch_size, icfg, device)
                 dices.append(mask_dice(np.asarray(mask), ref))
         auc = patient_auc([d[2] for d in val_data], scores)
         dice = float(np.nanmean(dices)) if dices and not np.isnan(dices).all() else float("nan")

@@ -23,12 +23,14 @@ import torch
 from torch import nn
 
 from cpmn.baselines import NNUNetPathway, SwinUNETRPathway
-from cpmn.config import schema_defaults
+from cpmn.config import schema_defaults, variant_defaults
 from cpmn.losses import L_total
 from cpmn.model import DualPathway, Pathway, PathwayOutput
 
 #: the ``model:`` section's defaults, from the config schema (their one source)
 MODEL_DEFAULTS: dict[str, Any] = schema_defaults("model")
+#: the defaults of one ``variants:`` entry, from the config schema
+VARIANT_DEFAULTS: dict[str, Any] = variant_defaults()
 #: the patch size and grid spacing that nnU-Net's planner reads when the config gives none
 PATCH_SIZE = schema_defaults("patches")["size"]
 SPACING = schema_defaults("preprocess")["spacing"]
@@ -41,26 +43,26 @@ def variant_entry(name: str, cfg: Mapping[str, Any]) -> dict[str, Any]:
     variants = cfg.get("variants") or {}
     if name not in variants:
         raise KeyError(f"unknown variant {name!r}; config defines {sorted(variants)}")
-    raw = dict(variants[name])
+    raw = {**VARIANT_DEFAULTS, **variants[name]}
     model_cfg = {**MODEL_DEFAULTS, **(cfg.get("model") or {})}
     pathways = list(raw.get("pathways") or [])
     if not pathways or any(p not in PHASES for p in pathways) or len(set(pathways)) != len(pathways):
         raise ValueError(f"variant {name}: pathways must be [ctpa], [nct] or [ctpa, nct], got {pathways}")
-    arch = str(raw.get("architecture", "flexunet"))
+    arch = str(raw["architecture"])
     if arch not in ARCHITECTURES:
         raise ValueError(f"variant {name}: unknown architecture {arch!r}; expected one of {ARCHITECTURES}")
     if arch != "flexunet" and len(pathways) != 1:
         raise ValueError(f"variant {name}: architecture {arch} is a single-pathway baseline")
     entry = {
         "pathways": sorted(pathways, key=PHASES.index),
-        "lambda1": float(raw.get("lambda1", 0.0)),
-        "lambda2": float(raw.get("lambda2", 0.0)),
-        "lambda3": float(raw.get("lambda3", 0.0)),
-        "seg_weight": float(raw.get("seg_weight", 1.0)),
+        "lambda1": float(raw["lambda1"]),
+        "lambda2": float(raw["lambda2"]),
+        "lambda3": float(raw["lambda3"]),
+        "seg_weight": float(raw["seg_weight"]),
         "backbone": str(raw.get("backbone", model_cfg["backbone"])),
         "score": str(raw["score"]) if raw.get("score") else None,
     }
-    if float(raw.get("mutual_kl", 0.0)) > 0:
+    if float(raw["mutual_kl"]) > 0:
         entry["mutual_kl"] = float(raw["mutual_kl"])
     if arch != "flexunet":
         entry["architecture"] = arch
@@ -72,7 +74,7 @@ def variant_entry(name: str, cfg: Mapping[str, Any]) -> dict[str, Any]:
 
 def trains_segmentation(entry: Mapping[str, Any]) -> bool:
     """Whether a variant trains its segmentation head (``seg_weight`` > 0), i.e. can be scored by its mask."""
-    return float(entry.get("seg_weight", 1.0)) > 0.0
+    return float(entry.get("seg_weight", VARIANT_DEFAULTS["seg_weight"])) > 0.0
 
 
 def variant_score(entry: Mapping[str, Any], infer_cfg: Mapping[str, Any]) -> dict[str, Any]:
@@ -159,7 +161,7 @@ def baseline_spec(
         "cls_level": int(m["cls_level"]),
         "cls_pool": str(m["cls_pool"]),
     }
-    arch = entry.get("architecture", "flexunet")
+    arch = entry.get("architecture", VARIANT_DEFAULTS["architecture"])
     if arch == "nnunet":
         size = [int(v) for v in entry["patch_size"]]
         return NNUNetPathway, {"patch_size": size, "spacing": [float(v) for v in entry["spacing"]], **head}
@@ -196,7 +198,7 @@ def build_loss(entry: Mapping[str, Any], model_cfg: Mapping[str, Any]) -> L_tota
         lambda2=entry["lambda2"],
         lambda3=entry["lambda3"],
         seg_weight=entry["seg_weight"],
-        mutual_kl=float(entry.get("mutual_kl", 0.0)),
+        mutual_kl=float(entry.get("mutual_kl", VARIANT_DEFAULTS["mutual_kl"])),
         ifa_alpha=int(m["ifa_alpha"]),
         ifa_beta=int(m["ifa_beta"]),
         seg_dice=m["seg_loss"] == "dice_focal",

@@ -9,7 +9,7 @@ import pytest
 import torch
 from monai.bundle import ConfigParser
 
-from cpmn import infer
+from cpmn import infer, scoring
 from cpmn.baselines import NNUNetPathway, SwinUNETRPathway, nnunet_plan
 from cpmn.bundle import network_def
 from cpmn.losses import L_mutual
@@ -158,12 +158,12 @@ def test_joint_networks_go_through_inference_and_grad_cam(arch):
     model, _ = build_variant("b", cfg)
     pathway = model.pathway("nct").eval()
     vol = np.random.default_rng(0).random((40, 36, 32)).astype(np.float32)
-    params = {**infer.DEFAULTS, "overlap": 0.25}
-    centre, _ = infer.patient_score(pathway, vol, None, P, {**params, "score": "centre"})
+    params = {**scoring.DEFAULTS, "overlap": 0.25}
+    centre, _ = scoring.patient_score(pathway, vol, None, P, {**params, "score": "centre"})
     with torch.no_grad():
         logit = pathway.classify(torch.from_numpy(vol[4:36, 2:34, 0:32].copy())[None, None])
     assert centre == pytest.approx(torch.sigmoid(logit).item(), abs=1e-5)
-    prob, mask = infer.patient_score(pathway, vol, (5.0, 5.0, 5.0), P, {**params, "score": "seg_volume"})
+    prob, mask = scoring.patient_score(pathway, vol, (5.0, 5.0, 5.0), P, {**params, "score": "seg_volume"})
     assert 0 <= prob <= 1 and tuple(mask.shape) == vol.shape
     cam = infer.grad_cam(pathway, vol, P, params)
     assert cam.shape == vol.shape and cam.min() >= 0 and 0.5 < cam.max() <= 1 + 1e-6

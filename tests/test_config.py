@@ -25,7 +25,7 @@ PACKAGE_DEFAULTS = [
     ("cpmn.data.split", "DEFAULTS", "split"),
     ("cpmn.variants", "MODEL_DEFAULTS", "model"),
     ("cpmn.train", "TRAIN_DEFAULTS", "train"),
-    ("cpmn.infer", "DEFAULTS", "infer"),
+    ("cpmn.scoring", "DEFAULTS", "infer"),
     ("cpmn.evaluate", "DEFAULTS", "evaluate"),
     ("cpmn.synthetic.observer", "DEFAULTS", "ceiling"),
 ]
@@ -55,6 +55,39 @@ def test_every_key_of_the_shipped_config_is_in_the_schema_with_its_value_as_defa
         if not prop.get("description"):
             missing.append(f"variants.*.{key}")
     assert missing == []
+
+
+#: entry keys without a default of their own: required (pathways) or inherited (model.backbone, infer.score)
+NO_DEFAULT = {"variants.*.pathways", "variants.*.backbone", "variants.*.score"}
+
+
+def test_every_key_at_every_depth_has_a_description_and_a_default_that_its_parent_agrees_with():
+    """Nested mappings (``convert.series_rules``, ``evaluate.table2``, a ``variants:`` entry) too: each key
+    has a ``description:`` and a ``default:``, and where the parent has a ``default:`` mapping as well, the
+    child's default is the parent's value for it."""
+    problems: list[str] = []
+
+    def walk(node: dict, path: str) -> None:
+        props = node.get("properties")
+        extra = node.get("additionalProperties")
+        if props is None and isinstance(extra, dict) and "properties" in extra:
+            props, path = extra["properties"], f"{path}.*"
+        if props is None:
+            return
+        parent = node.get("default") if isinstance(node.get("default"), dict) else None
+        for key, sub in props.items():
+            name = f"{path}.{key}".lstrip(".")
+            if not sub.get("description"):
+                problems.append(f"{name}: no description")
+            section = "properties" in sub or "properties" in (sub.get("additionalProperties") or {})
+            if "default" not in sub and not section and name not in NO_DEFAULT:  # a section's keys have them
+                problems.append(f"{name}: no default")
+            if parent is not None and key in parent and sub.get("default") != parent[key]:
+                problems.append(f"{name}: default {sub.get('default')!r} != the parent's {parent[key]!r}")
+            walk(sub, name)
+
+    walk(C.load_yaml(C.SCHEMA_PATH), "")
+    assert problems == []
 
 
 def test_schema_defaults_are_the_shipped_config():

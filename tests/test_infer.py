@@ -11,16 +11,8 @@ import torch
 
 from cpmn.data.preprocess import preprocess_patient
 from cpmn.errors import InputError
-from cpmn.infer import (
-    ClassifierLogit,
-    cam_target_layer,
-    centre_patch_score,
-    infer_split,
-    patient_score,
-    seg_volume_score,
-    segment,
-    window_scores,
-)
+from cpmn.infer import ClassifierLogit, cam_target_layer, infer_split
+from cpmn.scoring import centre_patch_score, patient_score, seg_volume_score, segment, window_scores
 from cpmn.variants import build_model, variant_entry
 
 P = (32, 32, 32)
@@ -127,7 +119,7 @@ def test_sliding_window_mask_equals_direct_forward_when_volume_is_one_window(stu
     vol = torch.rand(1, 1, *P)
     from monai.inferers import sliding_window_inference
 
-    from cpmn.infer import SegmentationLogits
+    from cpmn.scoring import SegmentationLogits
 
     with torch.no_grad():
         sw = sliding_window_inference(vol, P, 1, SegmentationLogits(pathway), overlap=0.25, mode="gaussian")
@@ -254,7 +246,7 @@ def test_compare_scores_writes_each_score_of_the_same_model(study):
 
 
 def test_compare_scores_drops_the_primary_and_seg_volume_without_segmentation():
-    from cpmn.infer import compare_scores
+    from cpmn.scoring import compare_scores
 
     seg = {"seg_weight": 1.0}
     assert compare_scores({"score": "centre", "compare_scores": ["centre", "seg_volume", "max"]}, seg) == [

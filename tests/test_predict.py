@@ -13,7 +13,7 @@ import torch
 from monai.bundle import ConfigParser
 from scipy import ndimage
 
-from cpmn import card, infer
+from cpmn import card, scoring
 from cpmn.bundle import export_bundle
 from cpmn.cli import main
 from cpmn.data.convert import convert_patient
@@ -99,8 +99,8 @@ def test_predict_on_dicom_equals_the_pipeline_on_the_same_scan(scan, tmp_path):
     pathway = build_model(entry, {"ifa_level": 2})
     pathway.load_state_dict(torch.load(scan["model"] / "model.pt", weights_only=False)["model"])
     pathway = pathway.pathway("nct").eval()
-    params = {**infer.DEFAULTS, "score": "seg_volume"}
-    prob, mask = infer.patient_score(pathway, z["nct"], z["spacing"], (32, 32, 32), params)
+    params = {**scoring.DEFAULTS, "score": "seg_volume"}
+    prob, mask = scoring.patient_score(pathway, z["nct"], z["spacing"], (32, 32, 32), params)
     assert rep["probability"] == pytest.approx(prob, abs=1e-6)
 
     # the mask lies on the input's own grid, and its volume is what the report says
@@ -134,8 +134,12 @@ def test_the_exported_bundle_reproduces_predict(scan, tmp_path):
     nifti = tmp_path / "nifti"
     convert_patient([scan["dicom"]], nifti, "P", None, phases=("nct",))
     grid = prepare_nct(nib.load(nifti / "nct.nii.gz"), parser["preprocessing"], "P", nifti)
-    params = {**infer.DEFAULTS, "score": parser["score"], "seg_volume_half_ml": parser["seg_volume_half_ml"]}
-    prob, _ = infer.patient_score(net, grid["nct"], grid["spacing"], tuple(parser["patch_size"]), params)
+    params = {
+        **scoring.DEFAULTS,
+        "score": parser["score"],
+        "seg_volume_half_ml": parser["seg_volume_half_ml"],
+    }
+    prob, _ = scoring.patient_score(net, grid["nct"], grid["spacing"], tuple(parser["patch_size"]), params)
     assert prob == pytest.approx(rep["probability"], abs=1e-6)
     inferer = parser.get_parsed_content("inferer")
     with torch.no_grad():

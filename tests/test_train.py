@@ -15,8 +15,8 @@ import yaml
 from cpmn import train as train_mod
 from cpmn.data.dataset import PatchDataset
 from cpmn.errors import InputError
-from cpmn.infer import centre_patch_score
 from cpmn.model import PathwayOutput
+from cpmn.scoring import centre_patch_score
 from cpmn.train import train_variant
 from cpmn.variants import build_variant, load_for_inference
 
@@ -242,10 +242,10 @@ STEM = "net.unet.encoder.stages.0.0.weight"
 def test_model_pt_is_the_best_validation_epoch(cohort, tmp_path, monkeypatch, val_scores, aucs, best_epoch):
     """Scripted validation scores: train_log's val_auc follows them and model.pt is the epoch of the best
     AUC (the later one on a tie), holding that epoch's weights."""
-    import cpmn.infer
+    import cpmn.scoring
 
     scripted = iter(s for epoch in val_scores for s in epoch)
-    monkeypatch.setattr(cpmn.infer, "patient_score", lambda *a, **k: (next(scripted), None))
+    monkeypatch.setattr(cpmn.scoring, "patient_score", lambda *a, **k: (next(scripted), None))
     cfg = _config(epochs=len(val_scores), steps_per_epoch=1)
     summary = _run(cohort, tmp_path / "m", cfg, progress=False)
     with open(tmp_path / "m" / "train_log.tsv") as fh:
@@ -261,13 +261,13 @@ def test_model_pt_is_the_best_validation_epoch(cohort, tmp_path, monkeypatch, va
 def test_val_dice_is_the_mean_over_validation_pe_patients(cohort, tmp_path, monkeypatch):
     """val_dice of train_log: Dice of the mask the validation score produced against the annotation,
     over the PE patients of the validation split (p0 here); half the embolus predicted -> 2/3."""
-    import cpmn.infer
+    import cpmn.scoring
 
     with np.load(cohort["pre"] / "p0.npz") as z:
         ref = z["mask"].copy()
     half = ref.copy()
     half[:20] = 0  # the block spans x 16:24: keep 20:24, half of it
-    monkeypatch.setattr(cpmn.infer, "patient_score", lambda *a, **k: (0.5, torch.from_numpy(half)))
+    monkeypatch.setattr(cpmn.scoring, "patient_score", lambda *a, **k: (0.5, torch.from_numpy(half)))
     _run(cohort, tmp_path / "d", _config(epochs=1, steps_per_epoch=1), progress=False)
     with open(tmp_path / "d" / "train_log.tsv") as fh:
         row = next(csv.DictReader(fh, delimiter="\t"))

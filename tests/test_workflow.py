@@ -53,6 +53,16 @@ def test_wrong_type_in_config_fails(tmp_path):
     assert "size" in (r.stdout + r.stderr)
 
 
+def test_a_sheet_source_without_a_sheet_is_the_schemas_error(tmp_path):
+    """``cohort.source: sheet`` needs ``cohort.sheet``: the schema's if/then says so before any job runs."""
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({"cohort": {"source": "sheet"}}))
+    r = snakemake("-n", "--configfile", str(bad))
+    msg = r.stdout + r.stderr
+    assert r.returncode != 0 and "Error validating config file" in msg
+    assert "None is not of type 'string'" in msg and "['cohort']['sheet']" in msg
+
+
 def test_own_cohort_sheet_bad_row_is_left_to_screening(tmp_path):
     """A bad row (label "yes", empty mask of a normal) does not stop the workflow; a missing column does."""
     cols = "patient_id\tlabel\tstudy_date\tnct_dicom\tctpa_dicom\tctpa_mask\n"

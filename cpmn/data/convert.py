@@ -69,7 +69,7 @@ _VARIANTS = ("Tilt_Eq", "Tilt", "Eq", "plain")
 
 def dcm2niix_binary() -> str:
     """Path of the dcm2niix binary from the pinned PyPI wheel (falls back to PATH)."""
-    try:
+    try:  # optional: the wheel ships the binary; a conda env or a site may put dcm2niix on PATH instead
         from dcm2niix import bin_path
 
         if Path(bin_path).exists():

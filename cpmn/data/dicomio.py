@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 import pydicom
 from pydicom.errors import InvalidDicomError
+from scipy import ndimage
 
 from cpmn.config import schema_defaults
 from cpmn.errors import InputError
@@ -415,8 +416,6 @@ def blood_pool_hu(s: Series, n_slices: int = 7, patient: str | None = None) -> f
     Returns:
         HU, or NaN when fewer than 50 soft-tissue voxels fall in the box.
     """
-    from scipy import ndimage
-
     idx = np.unique(np.round(np.linspace(0.3, 0.7, max(1, n_slices)) * (s.n_slices - 1)).astype(int))
     anterior_low = s.first.iop[4] >= 0  # increasing row index runs posterior (LPS +y)
     vals: list[np.ndarray] = []

@@ -65,8 +65,9 @@ DEFAULTS: dict[str, Any] = schema_defaults("patches")
 #: the default patch size P, for every stage that needs one when a config leaves it out
 DEFAULT_PATCH: tuple[int, int, int] = tuple(DEFAULTS["size"])
 
-#: used when a preprocessed file predates the hu_window / body_threshold_hu keys
-_PRE_DEFAULTS = {"hu_window": (-1000.0, 600.0), "body_threshold_hu": -500.0}
+#: what a preprocessed file written before it stored ``hu_window`` and ``body_threshold_hu`` was made with
+#: (a record of those files, not defaults: a newer file stores its own settings)
+_FORMER_FILE_SETTINGS = {"hu_window": (-1000.0, 600.0), "body_threshold_hu": -500.0}
 
 
 def patient_seed(patient_id: str, seed: int = 0) -> int:
@@ -86,7 +87,7 @@ def contains_embolus(mask: np.ndarray, size) -> np.ndarray:
 
 def _stored_window(npz: Mapping[str, Any]) -> tuple[float, float]:
     """The HU window the preprocessed arrays were scaled with (older files: the former default)."""
-    lo, hi = npz["hu_window"] if "hu_window" in npz else _PRE_DEFAULTS["hu_window"]
+    lo, hi = npz["hu_window"] if "hu_window" in npz else _FORMER_FILE_SETTINGS["hu_window"]
     return float(lo), float(hi)
 
 
@@ -97,9 +98,8 @@ def body_from_npz(npz: Mapping[str, Any]) -> np.ndarray:
         body = np.asarray(npz["body"]) > 0
         return body if body.any() else np.ones(body.shape, dtype=bool)
     lo, hi = _stored_window(npz)
-    thr_hu = (
-        float(npz["body_threshold_hu"]) if "body_threshold_hu" in npz else _PRE_DEFAULTS["body_threshold_hu"]
-    )
+    former = _FORMER_FILE_SETTINGS["body_threshold_hu"]
+    thr_hu = float(npz["body_threshold_hu"]) if "body_threshold_hu" in npz else former
     body = np.asarray(npz["nct"]) > (thr_hu - lo) / (hi - lo)
     return body if body.any() else np.ones(body.shape, dtype=bool)
 

@@ -49,6 +49,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from scipy import ndimage
 
 from cpmn.config import add_config_arguments, resolve, schema_defaults
 from cpmn.data.niftiio import load_nifti
@@ -68,7 +69,7 @@ def _setup_environment(threads: int | None, seed: int) -> None:
 
 
 def _read(path: str | os.PathLike, patient_id: str, what: str):
-    import ants
+    import ants  # antspyx: heavy (2 s), and only after _setup_environment (see register_patient)
 
     p = Path(path)
     load_nifti(p, patient_id, what)  # ITK fills a truncated .nii.gz silently; nibabel decoding does not
@@ -96,7 +97,7 @@ def _same_grid(a, b) -> bool:
 
 def registration_copy(img, hu_clip: tuple[float, float] | None, reg_spacing: float | None):
     """The image the metric sees: HU-clipped and, where finer than ``reg_spacing`` mm, downsampled."""
-    import ants
+    import ants  # antspyx: heavy (2 s), and only after _setup_environment (see register_patient)
 
     out = img.clone("float")
     if hu_clip is not None:
@@ -111,8 +112,6 @@ def registration_copy(img, hu_clip: tuple[float, float] | None, reg_spacing: flo
 
 def body_mask(nct: np.ndarray, threshold_hu: float) -> np.ndarray:
     """Largest connected component above ``threshold_hu``, holes filled (bool, same shape as ``nct``)."""
-    from scipy import ndimage
-
     fg = nct > threshold_hu
     lab, n = ndimage.label(fg)
     if n == 0:
@@ -144,7 +143,7 @@ def dice(a: np.ndarray, b: np.ndarray) -> float:
 
 def _jacobian_qc(domain, fwdtransforms: list[str]) -> tuple[float, float]:
     """(min Jacobian determinant, % voxels with det <= 0) of the forward transform on ``domain``."""
-    import ants
+    import ants  # antspyx: heavy (2 s), and only after _setup_environment (see register_patient)
 
     warps = [t for t in fwdtransforms if t.endswith(".nii.gz") or t.endswith(".nii")]
     affines = [t for t in fwdtransforms if t.endswith(".mat")]
@@ -180,6 +179,7 @@ def register_patient(
     """
     p = {**DEFAULTS, **(params or {})}
     _setup_environment(threads, p["random_seed"])
+    # antspyx after _setup_environment: ITK reads its thread count at import; and it is heavy (2 s)
     import ants
     import ants.config
 

@@ -249,6 +249,7 @@ def write_overlay(
     pid: str, mask: np.ndarray, mask_affine: np.ndarray, ctpa: Series, frac: float, hu: np.ndarray, out: Path
 ) -> Path:
     """A PNG of the mask's contour on the CTPA's axial slice holding most mask voxels (W400/L40)."""
+    # matplotlib: heavy, and the Agg backend must be chosen before pyplot is imported
     import matplotlib
 
     matplotlib.use("Agg")

@@ -48,6 +48,7 @@ def read_log(path: str | Path, variant: str) -> dict[str, list[float]]:
 
 def plot_curves(logs: Mapping[str, Mapping[str, list[float]]], out: str | Path) -> Path:
     """Write the 3 × 3 panel figure (PNG) of :data:`PANELS` for every variant in ``logs``."""
+    # matplotlib: heavy, and the Agg backend must be chosen before pyplot is imported
     import matplotlib
 
     matplotlib.use("Agg")

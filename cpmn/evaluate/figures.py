@@ -10,7 +10,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import nibabel as nib
 import numpy as np
+from sklearn.metrics import roc_curve
 
 from cpmn.data.niftiio import load_nifti
 from cpmn.errors import InputError, atomic_path
@@ -28,6 +30,7 @@ READER_MARKERS = ("s", "^", "D", "v", "P", "X", "<", ">")
 
 
 def _plt():
+    # matplotlib: heavy, and the Agg backend must be chosen before pyplot is imported
     import matplotlib
 
     matplotlib.use("Agg")
@@ -51,8 +54,6 @@ def fig2a_roc(
 ) -> list[Path]:
     """ROC curve per method (AUC in the legend, its validation-threshold operating point as a dot) and
     each reader's operating point (1 - specificity, sensitivity) as a marker; the mean reader as a star."""
-    from sklearn.metrics import roc_curve
-
     plt = _plt()
     with plt.rc_context(FONT):
         fig, ax = plt.subplots(figsize=(3.5, 3.5))
@@ -98,8 +99,6 @@ def fig2a_roc(
 
 
 def _canonical(path: Path, patient: str, what: str):
-    import nibabel as nib
-
     img = nib.as_closest_canonical(load_nifti(path, patient, what))
     return np.asarray(img.dataobj, dtype=np.float32), np.asarray(img.header.get_zooms()[:3], dtype=float)
 

@@ -19,12 +19,14 @@ Definitions (what Table 1 / Table 2 report):
 
 from __future__ import annotations
 
+import csv
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from sklearn.metrics import roc_auc_score, roc_curve
 
 from cpmn import stats
 from cpmn.config import schema_defaults
@@ -60,8 +62,6 @@ class Predictions:
 
 
 def read_tsv(path: Path) -> tuple[list[str], list[dict[str, str]]]:
-    import csv
-
     try:
         with open(path, newline="", encoding="utf-8") as fh:
             reader = csv.DictReader(fh, delimiter="\t")
@@ -178,8 +178,6 @@ def load_readers(path: str | Path, patients: set[str] | None = None) -> dict[str
 
 def roc_auc(y: np.ndarray, prob: np.ndarray) -> float:
     """scikit-learn ROC AUC; NaN when only one class is present."""
-    from sklearn.metrics import roc_auc_score
-
     y = np.asarray(y)
     if len(np.unique(y)) < 2:
         return float("nan")
@@ -194,8 +192,6 @@ def choose_threshold(
     target_sensitivity: float = 0.9,
 ) -> float:
     """Operating threshold on validation data (see the module docstring); positive = ``prob >= thr``."""
-    from sklearn.metrics import roc_curve
-
     if method == "fixed":
         return float(fixed_threshold)
     y = np.asarray(y)

@@ -20,6 +20,7 @@ import json
 import os
 import shutil
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -424,8 +425,6 @@ def generate_cohort(
         plan = plan_cohort(p)
         rows, truths = [], []
         if jobs > 1:
-            from concurrent.futures import ProcessPoolExecutor
-
             with ProcessPoolExecutor(max_workers=jobs) as pool:
                 results = list(pool.map(_generate_one, [(tmp, p, i, plan) for i in range(len(plan))]))
         else:

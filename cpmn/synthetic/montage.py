@@ -26,6 +26,7 @@ def write_montage(cases: list[dict], out_png: str | Path) -> Path:
     [-1000, 600]. The CTPA embolus outline is drawn in red; the axial slice passes through the largest
     embolus.
     """
+    # matplotlib: heavy, and the Agg backend must be chosen before pyplot is imported
     import matplotlib
 
     matplotlib.use("Agg")

@@ -31,7 +31,7 @@ RES = config["results"]
 VARIANTS = list(config["variants"])
 SYNTHETIC = config["cohort"]["source"] == "synthetic"
 SYNTH_DIR = f"{RES}/synthetic"
-MONTAGE = bool(config["synthetic"].get("montage", True))
+MONTAGE = bool(config["synthetic"]["montage"])
 GPU = int(config["resources"]["gpu"])
 # the FUMPE experiment's data: a download, or the synthetic FUMPE-shaped set of rule fumpe_synthetic
 FUMPE_ROOT = config["fumpe"]["root"] or f"{RES}/fumpe/data"
@@ -41,10 +41,6 @@ INCLUDED_SHEET = f"{RES}/cohort.included.tsv"
 # output among its inputs, and ancient() keeps a re-screening (e.g. a new cohort.exclude) from rerunning the
 # patients already done.
 SCREENED = ancient(INCLUDED_SHEET)
-
-if not SYNTHETIC and not config["cohort"].get("sheet"):
-    raise ValueError("config cohort.source is 'sheet' but cohort.sheet is not set")
-
 
 def synthetic_mem_mb(wildcards, threads):
     """Memory (MB) of the phantom's job: about 160 bytes per NCT voxel per worker (15.0 GB measured for 2
@@ -77,7 +73,7 @@ def readers_file():
     if SYNTHETIC:
         return (
             [f"{SYNTH_DIR}/readers.tsv"]
-            if config["synthetic"].get("readers", 0) > 0
+            if config["synthetic"]["readers"] > 0
             else []
         )
     return [config["cohort"]["readers"]] if config["cohort"].get("readers") else []
