@@ -11,7 +11,7 @@ test AUC with its DeLong CI, and the paired DeLong p against the study's own run
 (``predictions/<v>/test.tsv``, trained with the config's ``train.seed`` and λ) and of ``--against``.
 
     python benchmarks/seed_replicate.py --results results/benchmark --config config/config.yaml \\
-        config/benchmark.yaml --variant nct --seeds 1 --out docs/benchmark/phantom/seed_replicates.tsv
+        config/benchmark.yaml --variant nct --seeds 1 --out docs/benchmark/synthetic/seed_replicates.tsv
     python benchmarks/seed_replicate.py --results results/benchmark --config config/config.yaml \\
         config/benchmark.yaml --variant cpmn --seeds 0 --lambda-scale 3 10 --against nct --out lambda.tsv
 """

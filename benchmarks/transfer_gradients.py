@@ -13,7 +13,7 @@ It reports the median over batches of ``|g_term| / |g_task|`` and of ``cos(g_ter
 means the term cannot steer Ω2 at the paper's λ, whatever its sign.
 
     python benchmarks/transfer_gradients.py --results results/benchmark --config config/config.yaml \\
-        config/benchmark.yaml --variant cpmn --batches 8 --out docs/benchmark/phantom/transfer_gradients.tsv
+        config/benchmark.yaml --variant cpmn --batches 8 --out docs/benchmark/synthetic/transfer_gradients.tsv
 """
 
 from __future__ import annotations

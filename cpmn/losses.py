@@ -19,7 +19,11 @@ import torch.nn.functional as F
 from monai.losses import DiceLoss, FocalLoss
 from torch import nn
 
+from cpmn.config import schema_defaults
 from cpmn.model import PathwayOutput
+
+#: ``model.seg_loss`` and ``model.ifd_normalize`` when :class:`L_total` is built without them (the schema's)
+_MODEL = schema_defaults("model")
 
 TERMS = ("L_clas", "L_seg", "L_KL", "L_alig", "L_disc", "L_mutual", "L_total")
 
@@ -259,8 +263,8 @@ class L_total(nn.Module):
         mutual_kl: float = 0.0,
         ifa_alpha: int = 2,
         ifa_beta: int = 2,
-        seg_dice: bool = False,
-        disc_normalize: bool = False,
+        seg_loss: str = _MODEL["seg_loss"],
+        ifd_normalize: bool = _MODEL["ifd_normalize"],
     ):
         super().__init__()
         self.phases = tuple(phases)
@@ -272,10 +276,12 @@ class L_total(nn.Module):
         self.mutual_kl = float(mutual_kl)
         self.dual = dual
         self.clas = L_clas()
-        self.seg = L_seg(dice=seg_dice)
+        if seg_loss not in ("dice_focal", "focal"):
+            raise ValueError(f"unknown seg_loss {seg_loss!r}; expected dice_focal or focal")
+        self.seg = L_seg(dice=seg_loss == "dice_focal")
         self.kl = L_KL()
         self.alig = L_alig(ifa_alpha, ifa_beta)
-        self.disc = L_disc(normalize=disc_normalize)
+        self.disc = L_disc(normalize=ifd_normalize)
         self.mutual = L_mutual()
 
     def forward(

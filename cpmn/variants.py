@@ -201,8 +201,8 @@ def build_loss(entry: Mapping[str, Any], model_cfg: Mapping[str, Any]) -> L_tota
         mutual_kl=float(entry.get("mutual_kl", VARIANT_DEFAULTS["mutual_kl"])),
         ifa_alpha=int(m["ifa_alpha"]),
         ifa_beta=int(m["ifa_beta"]),
-        seg_dice=m["seg_loss"] == "dice_focal",
-        disc_normalize=bool(m["ifd_normalize"]),
+        seg_loss=str(m["seg_loss"]),
+        ifd_normalize=bool(m["ifd_normalize"]),
     )
 
 

@@ -130,6 +130,8 @@ def test_loss_weights_default_to_the_variant_entry_defaults():
     entry_props = C.load_yaml(C.SCHEMA_PATH)["properties"]["variants"]["additionalProperties"]["properties"]
     for k in ("lambda1", "lambda2", "lambda3", "seg_weight"):
         assert sig[k].default == entry_props[k]["default"], k
+    for k in ("seg_loss", "ifd_normalize"):  # the model section's keys, under their config names
+        assert sig[k].default == C.schema_defaults("model")[k], k
     entry = variant_entry("x", {"variants": {"x": {"pathways": ["ctpa", "nct"]}}})
     loss = build_loss(entry, {})
     assert (loss.lambda1, loss.lambda2, loss.lambda3, loss.seg_weight) == (0.0, 0.0, 0.0, 1.0)

@@ -30,7 +30,7 @@ def fumpe(tmp_path_factory):
     return root
 
 
-def test_the_synthetic_set_has_fumpes_layout_and_the_phantoms_clots(fumpe):
+def test_the_synthetic_set_has_fumpes_layout_and_the_synthetic_clots(fumpe):
     """Every patient has a series folder and a v5 .mat mask; read back, the mask is the phantom's CTPA clot
     mask (pixel row = y, column = x, slice = InstanceNumber), and its voxels hold clot HU (20-70 in the
     phantom) inside enhanced blood (250-550): a transposed or flipped mask would sit on other tissue."""

@@ -18,7 +18,7 @@ from cpmn.variants import build_model, variant_entry
 P = (32, 32, 32)
 
 
-def _phantom_nifti(path, shape=(40, 36, 30), seed=0, clot=True):
+def _synthetic_nifti(path, shape=(40, 36, 30), seed=0, clot=True):
     """A small body: soft tissue ellipsoid at 40 HU in air, with a 'vessel' and a clot."""
     rng = np.random.default_rng(seed)
     x, y, z = np.meshgrid(*[np.linspace(-1, 1, s) for s in shape], indexing="ij")
@@ -43,7 +43,7 @@ def study(tmp_path):
     for k, pid in enumerate(["A1", "B2"]):
         d = nifti / pid
         d.mkdir(parents=True)
-        affine, shape = _phantom_nifti(d, seed=k, clot=k == 0)
+        affine, shape = _synthetic_nifti(d, seed=k, clot=k == 0)
         preprocess_patient(
             pid,
             1 - k,

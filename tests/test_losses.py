@@ -151,7 +151,8 @@ def test_l_total_combines_terms_with_weights():
     o2 = _out(
         torch.randn(2, 2, 4, 4, 4), torch.randn(2), torch.randn(2, 3, 4, 4, 4), torch.randn(2, 5, 4, 4, 4)
     )
-    loss = L_total(("ctpa", "nct"), lambda1=0.25, lambda2=10.0, lambda3=0.1, seg_weight=0.5)
+    plain = {"seg_loss": "focal", "ifd_normalize": False}  # what L_seg() and L_disc() compute by default
+    loss = L_total(("ctpa", "nct"), lambda1=0.25, lambda2=10.0, lambda3=0.1, seg_weight=0.5, **plain)
     total, terms = loss({"ctpa": o1, "nct": o2}, mask, label)
     clas = L_clas()(o1.cls, label) + L_clas()(o2.cls, label)
     seg = L_seg()(o1.seg, mask) + L_seg()(o2.seg, mask)
@@ -164,7 +165,7 @@ def test_l_total_combines_terms_with_weights():
     assert terms["L_alig"] == pytest.approx(float(alig), rel=1e-6)
     assert terms["L_total"] == pytest.approx(float(expected), rel=1e-6)
     # single pathway: only its own terms, no KL / alignment
-    single, t1 = L_total(("nct",), 0.0, 0.0, 0.0)({"nct": o2}, mask, label)
+    single, t1 = L_total(("nct",), 0.0, 0.0, 0.0, **plain)({"nct": o2}, mask, label)
     assert float(single) == pytest.approx(float(L_clas()(o2.cls, label) + L_seg()(o2.seg, mask)), rel=1e-6)
     assert t1["L_KL"] == 0.0 and t1["L_alig"] == 0.0
 
@@ -180,7 +181,8 @@ def test_l_total_term_of_weight_zero_is_logged_but_builds_no_gradient():
         torch.randn(2, 5, 4, 4, 4),
     ]
     o = _out(*[t.requires_grad_() for t in leaves])
-    total, terms = L_total(("nct",), 0.0, 0.0, 0.0)({"nct": o}, mask, label)
+    plain = {"seg_loss": "focal", "ifd_normalize": False}  # what L_seg() and L_disc() compute by default
+    total, terms = L_total(("nct",), 0.0, 0.0, 0.0, **plain)({"nct": o}, mask, label)
     total.backward()
     # L_disc (λ3 = 0) is reported, yet its input received no gradient at all (not even zeros)
     assert terms["L_disc"] == pytest.approx(float(L_disc()(o.dec.detach(), mask)), rel=1e-6)
@@ -190,7 +192,7 @@ def test_l_total_term_of_weight_zero_is_logged_but_builds_no_gradient():
     assert torch.equal(o.seg.grad, ref_seg.grad)
     # with λ3 > 0 the same call sends L_disc's gradient into the decoder map
     o.dec.grad = None
-    L_total(("nct",), 0.0, 0.0, 0.1)({"nct": o}, mask, label)[0].backward()
+    L_total(("nct",), 0.0, 0.0, 0.1, **plain)({"nct": o}, mask, label)[0].backward()
     assert o.dec.grad is not None and float(o.dec.grad.abs().sum()) > 0
 
 

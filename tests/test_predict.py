@@ -23,7 +23,7 @@ from cpmn.synthetic.cohort import generate_patient, plan_cohort, resolve_params
 from cpmn.variants import build_model, variant_entry
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "real"
-PHANTOM = {"patients": 2, "seed": 3, "pe_fraction": 0.5, "shape": [64, 64, 40], "spacing": [5.0, 5.0, 5.0]}
+SYNTHETIC = {"patients": 2, "seed": 3, "pe_fraction": 0.5, "shape": [64, 64, 40], "spacing": [5.0, 5.0, 5.0]}
 PRE = {"spacing": [5.0, 5.0, 5.0]}
 THRESHOLD = {"value": 0.5, "method": "youden", "chosen_on": "val", "n_val": 7}
 
@@ -61,7 +61,7 @@ def _model_folder(root: Path, score: str = "seg_volume") -> Path:
 def scan(tmp_path_factory):
     """One phantom PE patient's DICOM folder (NCT and CTPA series) and a model folder."""
     root = tmp_path_factory.mktemp("predict")
-    p = resolve_params(PHANTOM)
+    p = resolve_params(SYNTHETIC)
     plan = plan_cohort(p)
     index = int(np.flatnonzero(plan.label.to_numpy() == 1)[0])
     row = generate_patient(root / "cohort", p, index, plan=plan)

@@ -294,7 +294,7 @@ def test_a_mask_that_misses_the_filling_defect_is_excluded_with_the_measured_rea
     assert off[0].patient_id.tolist() == ["S1", "S2"]  # 0 turns the check off
 
 
-def test_two_phantom_patients_masks_swapped_are_implausible():
+def test_two_synthetic_patients_masks_swapped_are_implausible():
     """Two PE patients of the default phantom: each annotation on its own CTPA is plausible (>= 0.6); the
     masks swapped (grids a few mm apart, as the issue's 0.375-voxel case) are not."""
     from cpmn.data.screen import mask_plausibility

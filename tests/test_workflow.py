@@ -309,7 +309,7 @@ def test_slurm_profile_on_a_real_one_node_cluster(tmp_path):
 
 
 @pytest.mark.parametrize("extra", [{"montage": False}, {"readers": 0}])
-def test_synthesis_rule_honours_the_optional_phantom_outputs(tmp_path, extra):
+def test_synthesis_rule_honours_the_optional_synthetic_outputs(tmp_path, extra):
     """synthetic.montage false (no montage.png) and readers 0 still complete the synthesis rule."""
     overlay = tmp_path / "small.yaml"
     synth = {"patients": 2, "shape": [48, 48, 32], "spacing": [6.0, 6.0, 6.0], **extra}

@@ -250,8 +250,8 @@ def sample_anatomy(
     rng: np.random.Generator,
     half_extent: np.ndarray,
     *,
-    generations: int = 6,
-    murray_exponent: float = 2.7,
+    tree_generations: int,
+    murray_exponent: float,
     territory_points: int = 1200,
 ) -> Anatomy:
     """Draw one patient's anatomy for a field of view of half extent ``half_extent`` (3,) mm (centre = 0).
@@ -259,7 +259,7 @@ def sample_anatomy(
     Args:
         rng: the patient's anatomy stream.
         half_extent: (hx, hy, hz) half the NCT field of view in mm.
-        generations: deepest arterial generation (0 trunk, 1 main pulmonary artery, 2 lobar, 3 segmental,
+        tree_generations: deepest arterial generation (0 trunk, 1 main pulmonary artery, 2 lobar, 3 segmental,
             4+ subsegmental); >= 5 gives at least four generations inside each lung.
         murray_exponent: ``g`` in ``r_parent^g = sum r_child^g`` (3 = Murray's law).
         territory_points: points per lung used to grow the trees.
@@ -381,7 +381,7 @@ def sample_anatomy(
         if len(terr) < 8:
             continue
         hilum, parent = _enter_lung(an, an.arteries, hilum, terr, r0, parent, sd, 1)
-        _grow(an, an.arteries, rng, hilum, terr, r0, 2, parent, sd, generations, murray_exponent)
+        _grow(an, an.arteries, rng, hilum, terr, r0, 2, parent, sd, tree_generations, murray_exponent)
     # pulmonary veins: from the left atrium, same construction (unlabelled, enhanced less in CTPA)
     la_c, la_r = an.chambers["LA"]
     for sd, sgn in (("R", 1.0), ("L", -1.0)):
@@ -392,7 +392,7 @@ def sample_anatomy(
         rv0 = u(6.5, 8) * s
         an.veins.append(Segment(la_c, vh, rv0, 1, sd))
         vh, vp = _enter_lung(an, an.veins, vh, terr, rv0, len(an.veins) - 1, sd, 1)
-        _grow(an, an.veins, rng, vh, terr, rv0, 2, vp, sd, generations, murray_exponent)
+        _grow(an, an.veins, rng, vh, terr, rv0, 2, vp, sd, tree_generations, murray_exponent)
     return an
 
 

@@ -198,7 +198,7 @@ def generate_patient(
     nct_aff, ctpa_aff = grids(p, r_mot)
     half = np.array(shape) * sp / 2
     an = A.sample_anatomy(
-        r_anat, half, generations=int(p["tree_generations"]), murray_exponent=float(p["murray_exponent"])
+        r_anat, half, tree_generations=int(p["tree_generations"]), murray_exponent=float(p["murray_exponent"])
     )
     phases = P.sample_phases(r_phys, p)
     an.mimics = P.sample_mimics(r_phys, an)

@@ -132,7 +132,7 @@ def write_series(
         ds.ContentTime = ds.SeriesTime
         ds.AccessionNumber = ""
         ds.Modality = modality
-        ds.Manufacturer = "cpmn-phantom"
+        ds.Manufacturer = "cpmn-synthetic"
         ds.ManufacturerModelName = "synthetic"
         ds.ReferringPhysicianName = ""
         ds.StudyDescription = "CHEST"

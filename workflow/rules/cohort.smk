@@ -4,8 +4,8 @@
 rule synthetic:
     output:
         **montage_output(),
-        sheet=f"{SYNTH_DIR}/cohort.tsv",
-        readers=f"{SYNTH_DIR}/readers.tsv",
+        sheet=f"{SYNTHETIC_DIR}/cohort.tsv",
+        readers=f"{SYNTHETIC_DIR}/readers.tsv",
     log:
         f"{RES}/logs/synthetic.log",
     benchmark:

@@ -79,7 +79,7 @@ rule ceiling:
         runtime=30,
     params:
         pre=input_dir("preprocessed"),
-        truth=f"{SYNTH_DIR}/truth",
+        truth=f"{SYNTHETIC_DIR}/truth",
         cfg=section("ceiling"),
     shell:
         "cpmn ceiling --splits {input.splits} --preprocessed-dir {params.pre} --truth-dir {params.truth}"

@@ -1,6 +1,6 @@
 """The phantom's ceiling per phase for a phantom setting, without the workflow (for calibrating it).
 
-Usage: ``.venv/bin/python benchmarks/phantom_ceiling.py [--patients 48] [--seed 2026] [--spacing 5]
+Usage: ``.venv/bin/python benchmarks/synthetic_ceiling.py [--patients 48] [--seed 2026] [--spacing 5]
 [--set KEY=JSON ...]``, e.g. ``--set nct_clot_contrast_hu=[10,25]``.
 
 Each patient is generated in memory (:func:`cpmn.synthetic.cohort.generate_patient`); each phase and its

@@ -1,7 +1,8 @@
 """Summarise a finished phantom benchmark (``config/benchmark.yaml``) into small files for ``docs/``.
 
     .venv/bin/snakemake --cores 2 --workflow-profile profiles/default --configfile config/benchmark.yaml
-    .venv/bin/python benchmarks/phantom_benchmark.py --results results/benchmark --out docs/benchmark/phantom
+    .venv/bin/python benchmarks/synthetic_benchmark.py --results results/benchmark \
+        --out docs/benchmark/synthetic
 
 Copies ``table1_ablation.tsv``, ``score_comparison.tsv``, ``stats.json``, ``ceiling.tsv`` and the training
 curves, and writes ``summary.json``:
@@ -62,7 +63,7 @@ def job_seconds(results: Path) -> dict[str, float]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--results", default="results/benchmark")
-    ap.add_argument("--out", default="docs/benchmark/phantom")
+    ap.add_argument("--out", default="docs/benchmark/synthetic")
     args = ap.parse_args()
     results, out = Path(args.results), Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
