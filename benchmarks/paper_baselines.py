@@ -5,7 +5,7 @@ Usage: ``.venv/bin/python benchmarks/paper_baselines.py dml nnunet_joint swinune
 ``config/paper.yaml`` over ``config/config.yaml`` (224 x 224 x 96 patches at 1.5 x 1.5 x 3 mm). Per variant it
 prints the seconds of one training step at batch 1, the seconds of the sliding-window mask, the centre score
 and Grad-CAM on a 240 x 230 x 110 volume (bigger than one patch), the loss terms (finite or not), the mask
-and CAM shapes and the process's peak RSS so far (docs/measurements.md, section 6).
+and CAM shapes and the process's peak RSS so far (docs/measurements.md §5).
 """
 
 from __future__ import annotations

@@ -27,7 +27,7 @@ def test_the_paper_config_runs_end_to_end_at_its_scale(tmp_path):
         "config/paper.yaml",
         "config/paper-smoke.yaml",
     ]
-    # at most 22 GB of jobs at once: SwinUNETR-Joint's training alone peaks at 18.9 GB (measurements.md §6)
+    # at most 22 GB of jobs at once: SwinUNETR-Joint's training alone peaks at 18.9 GB (measurements.md §5)
     r = snakemake(
         "--cores",
         "2",
