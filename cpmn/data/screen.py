@@ -39,8 +39,8 @@ from scipy import ndimage
 from cpmn.config import add_config_arguments, resolve
 from cpmn.data.convert import parse_phases
 from cpmn.data.dicomio import PHASES, Series, params_with_defaults, read_hu_slice, scan_series, select_phases
+from cpmn.data.readers import load_readers
 from cpmn.errors import InputError, atomic_path, report
-from cpmn.evaluate.metrics import load_readers
 
 SCHEMA_PATH = Path(__file__).resolve().parents[2] / "workflow" / "schemas" / "cohort.schema.yaml"
 COLUMNS = ["patient_id", "label", "study_date", "nct_dicom", "ctpa_dicom", "ctpa_mask"]
@@ -301,7 +301,7 @@ def screen_row(
 
 def check_readers(path: str | os.PathLike, sheet_ids: set[str]) -> None:
     """Validate the reader-study TSV and that every patient it reads is in the cohort sheet
-    (:func:`cpmn.evaluate.metrics.load_readers`); raises :class:`InputError` naming the file and data row."""
+    (:func:`cpmn.data.readers.load_readers`); raises :class:`InputError` naming the file and data row."""
 
     load_readers(path, patients=sheet_ids)
 

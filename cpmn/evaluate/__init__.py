@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from cpmn.config import deep_merge, schema_defaults
+from cpmn.data.readers import load_readers
 from cpmn.errors import InputError, atomic_path
 from cpmn.evaluate import figures, tables
 from cpmn.evaluate import metrics as M
@@ -126,7 +127,7 @@ def evaluate_study(
     if readers is not None:
         if ref2 in evals:
             try:
-                reader_res = M.evaluate_readers(M.load_readers(readers), evals[ref2], c)
+                reader_res = M.evaluate_readers(load_readers(readers), evals[ref2], c)
             except InputError as err:
                 raise InputError(err.patient, readers, err.reason) from err
             warnings += reader_res.pop("warnings")

@@ -19,7 +19,6 @@ Definitions (what Table 1 / Table 2 report):
 
 from __future__ import annotations
 
-import csv
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,11 +30,11 @@ from sklearn.metrics import roc_auc_score, roc_curve
 from cpmn import stats
 from cpmn.config import schema_defaults
 from cpmn.data.niftiio import load_nifti
+from cpmn.data.readers import read_tsv
 from cpmn.errors import InputError
 
 REQUIRED_COLUMNS = ("patient_id", "split", "label", "prob")
 PATH_COLUMNS = ("mask", "cam", "image", "ref_mask")
-READER_COLUMNS = ("reader", "patient_id", "decision")
 
 #: the ``evaluate:`` section's defaults, from the config schema (their one source)
 DEFAULTS: dict[str, Any] = schema_defaults("evaluate")
@@ -59,19 +58,6 @@ class Predictions:
     def path_of(self, column: str, i: int) -> Path | None:
         col = self.paths.get(column)
         return None if col is None else col[i]
-
-
-def read_tsv(path: Path) -> tuple[list[str], list[dict[str, str]]]:
-    try:
-        with open(path, newline="", encoding="utf-8") as fh:
-            reader = csv.DictReader(fh, delimiter="\t")
-            rows = list(reader)
-            header = list(reader.fieldnames or [])
-    except OSError as err:
-        raise InputError(None, path, f"cannot read: {err.strerror or err}") from err
-    except UnicodeDecodeError as err:
-        raise InputError(None, path, f"not UTF-8 text ({err.reason} at byte {err.start})") from err
-    return header, rows
 
 
 def load_predictions(path: str | Path, split: str | None = None) -> Predictions:
@@ -138,38 +124,6 @@ def load_predictions(path: str | Path, split: str | None = None) -> Predictions:
         score=(rows[0].get("score") or "").strip() or None if "score" in header else None,
         extra={k: np.array(v, dtype=float) for k, v in extra.items()},
     )
-
-
-def load_readers(path: str | Path, patients: set[str] | None = None) -> dict[str, dict[str, int]]:
-    """Reader-study TSV ``reader, patient_id, decision (0/1)`` -> {reader: {patient_id: decision}}.
-
-    A bad row raises :class:`InputError` naming the readers file, the data row and its line, and the
-    patient in the reason (not as the patient at fault: the readers file is, so no ``cohort.exclude``
-    advice follows it). With ``patients``, a patient id outside that set is an error too (screening passes
-    the cohort sheet's ids)."""
-    path = Path(path)
-    header, rows = read_tsv(path)
-    missing = [c for c in READER_COLUMNS if c not in header]
-    if missing:
-        raise InputError(None, path, f"readers file: missing column(s) {', '.join(missing)}")
-    out: dict[str, dict[str, int]] = {}
-    for i, row in enumerate(rows, start=1):
-        pid, reader, dec = ((row[k] or "").strip() for k in ("patient_id", "reader", "decision"))
-        where = f"readers file, data row {i} (line {i + 1}), reader {reader}, patient {pid}"
-        if dec not in ("0", "1", "0.0", "1.0"):
-            raise InputError(None, path, f"{where}: decision must be 0 or 1, got {dec!r}")
-        if pid in out.setdefault(reader, {}):
-            raise InputError(None, path, f"{where}: duplicate patient")
-        if patients is not None and pid not in patients:
-            raise InputError(
-                None,
-                path,
-                f"readers file, data row {i} (line {i + 1}): patient {pid!r} is not in the cohort sheet",
-            )
-        out[reader][pid] = int(float(dec))
-    if not out:
-        raise InputError(None, path, "no rows")
-    return out
 
 
 # --------------------------------------------------------------------------------------------------
