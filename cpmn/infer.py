@@ -161,7 +161,7 @@ def infer_split(
     """Predict every patient of ``split`` and write the predictions TSV (docs/contracts.md).
 
     Returns the predictions table: ``patient_id, split, label, prob, score`` (the name of ``prob``'s
-    score), a ``prob_<score>`` column per score of :func:`compare_scores` and, where written, the
+    score), a ``prob_<score>`` column per score of :func:`cpmn.scoring.compare_scores` and, where written, the
     ``mask``, ``cam``, ``image`` and ``ref_mask`` paths (relative to the TSV's folder).
     """
 

@@ -1,7 +1,7 @@
 """The losses of Eq. 5, one module each, named as in the paper.
 
-``L_total = L_clas + L_seg + λ1 L_KL + λ2 L_alig + λ3 L_disc`` with λ1 = 0.25, λ2 = 10, λ3 = 0.1 by
-default (``variants.cpmn`` in config/config.yaml).
+``L_total = L_clas + L_seg + λ1 L_KL + λ2 L_alig + λ3 L_disc``; the paper's λ1 = 0.25, λ2 = 10, λ3 = 0.1
+are the ``cpmn`` variant's (``variants.cpmn`` in config/config.yaml), and :class:`L_total`'s own are 0.
 
 Pathway 1 (Ω1) sees CTPA, pathway 2 (Ω2) sees NCT (CTPA registered to NCT, so both share the mask).
 The two transfer losses L_KL and L_alig treat Ω1 as the teacher: its tensors are detached, so their

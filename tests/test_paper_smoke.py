@@ -2,7 +2,7 @@
 
 Six phantom patients at a clinical 0.75 x 0.75 x 1.25 mm grid, the paper's 1.5 x 1.5 x 3 mm grid and 224 x 224
 x 96 patches, EfficientNet-B0 with BatchNorm, two training steps per variant. It takes about half an hour and
-11 GB on 2 cores (docs/measurements.md section 6), more than CI can spare, so it has its own marker:
+11 GB on 2 cores (docs/measurements.md §5), more than CI can spare, so it has its own marker:
 ``make paper-smoke-test`` (``pytest -m paper_smoke``). ``make paper-smoke`` runs the same workflow into
 results/paper-smoke for a look at its outputs.
 """
